@@ -1,0 +1,91 @@
+"""The end-to-end demo: five synthetic banks train one fraud model together.
+
+``consortium demo`` generates five institutions with different customers,
+volumes, fraud rates and fraud scenarios, trains federated for ten rounds in
+Flower's simulation engine (secure aggregation on), trains the local-only and
+centralized baselines on the same split, prints the comparison table and writes
+a PNG of AUPRC per round plus a JSON result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from consortium.data import federate_institutions, generate_federation
+from consortium.federation.config import FederationConfig
+from consortium.federation.coordinator import RoundCallback
+from consortium.federation.experiment import ExperimentResult, dump_json, run_experiment
+from consortium.federation.plots import plot_auprc_per_round
+from consortium.registry import RunStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoOutput:
+    """Files and results a demo run produced."""
+
+    result: ExperimentResult
+    plot: Path
+    json_path: Path
+    store_url: str
+    seconds: float
+
+
+def run_demo(
+    *,
+    out_dir: str | Path,
+    institutions: int = 5,
+    transactions: int = 20_000,
+    rounds: int = 10,
+    model: str = "mlp",
+    strategy: str = "fedavg",
+    secure_aggregation: bool = True,
+    seed: int = 0,
+    store_url: str | None = None,
+    on_round: RoundCallback | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> DemoOutput:
+    """Generate data, train federated and baselines, write plot and JSON."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = on_stage or (lambda s: logger.info(s))
+    stage(f"Generating {institutions} institutions x {transactions:,} transactions (seed {seed})")
+    fed = generate_federation(institutions, transactions_per_institution=transactions, seed=seed)
+    split = federate_institutions({name: inst.dataset for name, inst in fed.items()}, seed=seed)
+    url = store_url or f"sqlite:///{(out / 'consortium.db').resolve()}"
+    config = FederationConfig(
+        num_rounds=rounds,
+        strategy=strategy,  # type: ignore[arg-type]
+        model=model,  # type: ignore[arg-type]
+        local_epochs=1,
+        batch_size=256,
+        lr=1e-3,
+        min_nodes=institutions,
+        secure_aggregation=secure_aggregation,
+        store_url=url,
+        run_name="demo",
+        seed=seed,
+    )
+    stage(f"Training federated for {rounds} rounds in Flower's simulation engine")
+    with RunStore(url) as store:
+        result = run_experiment(
+            split, config, work_dir=out / "work", dataset_name="synthetic", store=store, on_round=on_round
+        )
+    s = result.summary()
+    plot = plot_auprc_per_round(
+        [c["round"] for c in result.curve()],
+        [c["auprc"] for c in result.curve()],
+        path=out / "auprc_per_round.png",
+        centralized=s.get("centralized_auprc"),
+        local_only_mean=s.get("local_only_auprc_mean"),
+        title=f"Federated fraud model, {institutions} institutions (synthetic)",
+    )
+    seconds = time.perf_counter() - t0
+    json_path = dump_json({**result.to_json(), "plot": str(plot), "seconds": seconds}, out / "demo.json")
+    return DemoOutput(result=result, plot=plot, json_path=json_path, store_url=url, seconds=seconds)

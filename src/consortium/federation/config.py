@@ -1,0 +1,202 @@
+"""The options of one federated run, in one validated, serialisable object.
+
+A :class:`FederationConfig` travels two ways: as a Python object when the
+simulation runner builds the apps in-process, and as Flower's flat
+``run_config`` (``--run-config 'num-rounds=10 strategy="fedadam"'``) when a
+coordinator runs the ServerApp in a SuperLink.  Both paths go through
+:meth:`FederationConfig.from_run_config`, so a value is validated the same way
+wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from consortium.errors import param_error
+
+Strategy = Literal["fedavg", "fedprox", "fedadam"]
+ModelKind = Literal["mlp", "autoencoder"]
+
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder")
+LOSSES: tuple[str, ...] = ("weighted_bce", "focal", "bce")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the coordinator needs to run federated training.
+
+    Attributes
+    ----------
+    num_rounds : int
+        Federated rounds to run.
+    strategy : {"fedavg", "fedprox", "fedadam"}
+        Server-side aggregation rule. ``fedprox`` adds the proximal term
+        ``proximal_mu / 2 * ||w - w_global||^2`` to the local loss.
+    model : {"mlp", "autoencoder"}
+        Supervised classifier or unsupervised reconstruction model.
+    hidden : tuple of int
+        Hidden layer widths.
+    local_epochs, batch_size, lr, weight_decay, loss, focal_gamma :
+        Local training options (see :class:`consortium.models.TrainConfig`).
+    proximal_mu : float
+        FedProx coefficient; used only with ``strategy="fedprox"``.
+    server_lr : float
+        FedAvg/FedProx server step: ``w += server_lr * mean_delta``.
+    adam_lr, adam_beta1, adam_beta2, adam_tau :
+        FedAdam options (Reddi et al., 2021).
+    min_nodes : int
+        Nodes that must be connected before the run starts and that must
+        answer in each round.
+    fraction_train : float
+        Fraction of connected nodes sampled per round (at least ``min_nodes``).
+    round_timeout : float
+        Seconds to wait for replies in one round.
+    secure_aggregation : bool
+        Route every update through secure aggregation so the coordinator only
+        learns sums.
+    max_fpr : float
+        False-positive rate at which recall and the decision threshold are set.
+    store_url : str
+        SQLAlchemy URL of the run store.
+    run_name : str
+        Human-readable name of the run in the store.
+    holdout_path : str
+        Optional ``.npz`` with the global held-out test split, evaluated by the
+        coordinator after every round (benchmarks and simulations only: in a
+        real consortium the coordinator holds no data).
+    data_dir : str
+        Simulation only: directory with one sub-directory per institution.
+    seed : int
+        Seed for model initialisation and sampling.
+    """
+
+    num_rounds: int = 10
+    strategy: Strategy = "fedavg"
+    model: ModelKind = "mlp"
+    hidden: tuple[int, ...] = (64, 32)
+    local_epochs: int = 1
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "weighted_bce"
+    focal_gamma: float = 2.0
+    proximal_mu: float = 0.01
+    server_lr: float = 1.0
+    adam_lr: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_tau: float = 1e-3
+    min_nodes: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 600.0
+    secure_aggregation: bool = True
+    max_fpr: float = 0.01
+    store_url: str = "sqlite:///consortium.db"
+    run_name: str = "federated"
+    holdout_path: str = ""
+    data_dir: str = ""
+    seed: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = "FederationConfig"
+        if self.num_rounds < 1:
+            raise param_error("num_rounds", owner, "an int >= 1", self.num_rounds)
+        if self.strategy not in STRATEGIES:
+            raise param_error("strategy", owner, f"one of {STRATEGIES}", self.strategy)
+        if self.model not in MODEL_KINDS:
+            raise param_error("model", owner, f"one of {MODEL_KINDS}", self.model)
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise param_error("hidden", owner, "a non-empty tuple of ints >= 1", self.hidden)
+        if self.local_epochs < 1:
+            raise param_error("local_epochs", owner, "an int >= 1", self.local_epochs)
+        if self.batch_size < 1:
+            raise param_error("batch_size", owner, "an int >= 1", self.batch_size)
+        for name in ("lr", "server_lr", "adam_lr", "adam_tau"):
+            if not getattr(self, name) > 0:
+                raise param_error(name, owner, "a float > 0", getattr(self, name))
+        if self.loss not in LOSSES:
+            raise param_error("loss", owner, f"one of {LOSSES}", self.loss)
+        if self.proximal_mu < 0:
+            raise param_error("proximal_mu", owner, "a float >= 0", self.proximal_mu)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise param_error(name, owner, "a float in [0, 1)", getattr(self, name))
+        if self.min_nodes < 1:
+            raise param_error("min_nodes", owner, "an int >= 1", self.min_nodes)
+        if not 0 < self.fraction_train <= 1:
+            raise param_error("fraction_train", owner, "a float in (0, 1]", self.fraction_train)
+        if not self.round_timeout > 0:
+            raise param_error("round_timeout", owner, "a float > 0", self.round_timeout)
+        if not 0 < self.max_fpr < 1:
+            raise param_error("max_fpr", owner, "a float in (0, 1)", self.max_fpr)
+
+    @property
+    def effective_proximal_mu(self) -> float:
+        """The proximal coefficient clients apply (0 unless FedProx)."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+
+    # -- Flower run_config <-> object -------------------------------------------------
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten to Flower's ``run_config`` (hyphenated keys, scalar values)."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            out[f.name.replace("_", "-")] = value
+        for k, v in self.extra.items():
+            out[k] = v
+        return out
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Build from Flower's ``run_config``; unknown keys go to ``extra``."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                extra[key] = value
+                continue
+            default = fields[name].default
+            kwargs[name] = _coerce(name, value, default)
+        return cls(**kwargs, extra=extra)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a run_config value to the type of the field's default."""
+    owner = "FederationConfig (run config)"
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(int(v) for v in value.split(",") if v.strip())
+            return tuple(int(v) for v in value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        expected = type(default).__name__
+        if isinstance(default, tuple):
+            expected = "comma-separated ints"
+        raise param_error(name, owner, f"of type {expected}", value) from None

@@ -1,0 +1,139 @@
+"""How the coordinator obtains the *sum* of the institutions' contributions.
+
+A :class:`Transport` turns "send this to these nodes" into an
+:class:`~consortium.federation.aggregation.AggregateResult`.  The
+:class:`SecureTransport` (default) runs consortium's secure aggregation so the
+coordinator learns nothing but sums; :class:`PlainTransport` sums clear-text
+replies and exists for trusted set-ups, debugging and as the baseline that
+benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from consortium.errors import FederationError
+from consortium.federation import messages as m
+from consortium.federation.aggregation import AggregateResult, weighted_sum
+from consortium.federation.config import FederationConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Transport(ABC):
+    """Sums institution contributions for the coordinator."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def sum_updates(
+        self,
+        grid: Grid,
+        *,
+        node_ids: Sequence[int],
+        names: Mapping[int, str],
+        content: RecordDict,
+        reference: Sequence[np.ndarray],
+        config: FederationConfig,
+    ) -> AggregateResult:
+        """Send a ``train`` message to each node and return the sum of weighted deltas."""
+
+    @abstractmethod
+    def sum_statistics(
+        self,
+        grid: Grid,
+        *,
+        node_ids: Sequence[int],
+        names: Mapping[int, str],
+        config: FederationConfig,
+    ) -> AggregateResult:
+        """Ask each node for its feature statistics and return their sum."""
+
+
+class PlainTransport(Transport):
+    """Clear-text replies summed on the coordinator (no secure aggregation)."""
+
+    name = "plain"
+
+    def _collect(
+        self,
+        grid: Grid,
+        messages: list[Message],
+        names: Mapping[int, str],
+        reference: Sequence[np.ndarray] | None,
+        timeout: float,
+    ) -> AggregateResult:
+        asked = {msg.metadata.dst_node_id for msg in messages}
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        contributions = []
+        for r in replies:
+            node = r.metadata.src_node_id
+            name = names.get(node, str(node))
+            if r.has_error():
+                logger.warning("Institution %s replied with an error: %s", name, r.error.reason)
+                continue
+            try:
+                arrays = r.content.array_records[m.UPDATE].to_numpy_ndarrays()
+                weight = float(r.content.metric_records[m.METRICS][m.WEIGHT])  # type: ignore[arg-type]
+                metrics = {
+                    k: float(v)  # type: ignore[arg-type]
+                    for k, v in r.content.metric_records[m.METRICS].items()
+                    if k != m.WEIGHT
+                }
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("Institution %s sent a malformed reply (%s); it is left out.", name, exc)
+                continue
+            ref = reference if reference is not None else arrays
+            if not _valid_update(arrays, ref, name):
+                continue
+            contributions.append((name, arrays, weight, metrics))
+        got = {names.get(r.metadata.src_node_id, str(r.metadata.src_node_id)) for r in replies}
+        included = {c[0] for c in contributions}
+        dropped = sorted({names.get(n, str(n)) for n in asked} - included)
+        if not contributions:
+            raise FederationError(
+                f"No institution returned a usable contribution (asked {len(asked)}, replies {len(got)})."
+            )
+        ref = reference if reference is not None else contributions[0][1]
+        return weighted_sum(contributions, reference=ref, dropped=dropped)
+
+    def sum_updates(self, grid, *, node_ids, names, content, reference, config):  # type: ignore[no-untyped-def]
+        messages = [Message(content, dst_node_id=n, message_type=m.TRAIN) for n in node_ids]
+        return self._collect(grid, messages, names, reference, config.round_timeout)
+
+    def sum_statistics(self, grid, *, node_ids, names, config):  # type: ignore[no-untyped-def]
+        messages = [
+            Message(RecordDict({m.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=m.STATS)
+            for n in node_ids
+        ]
+        return self._collect(grid, messages, names, None, config.round_timeout)
+
+
+def _valid_update(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray], name: str) -> bool:
+    """Shape, dtype and finiteness check of one clear-text contribution."""
+    if len(arrays) != len(reference):
+        logger.warning("Institution %s sent %d tensors, expected %d; left out.", name, len(arrays), len(reference))
+        return False
+    for i, (a, r) in enumerate(zip(arrays, reference, strict=True)):
+        if a.shape != r.shape:
+            logger.warning("Institution %s: tensor %d has shape %s, expected %s; left out.", name, i, a.shape, r.shape)
+            return False
+        if not np.all(np.isfinite(a)):
+            logger.warning("Institution %s: tensor %d has NaN/inf values; left out.", name, i)
+            return False
+    return True
+
+
+def create_transport(config: FederationConfig) -> Transport:
+    """Secure aggregation when ``config.secure_aggregation`` is set, else clear-text sums."""
+    if config.secure_aggregation:
+        from consortium.secagg.transport import SecureTransport  # noqa: PLC0415
+
+        return SecureTransport()
+    return PlainTransport()
