@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -266,10 +267,10 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--certs", "certs_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory made by 'consortium certs' (TLS on every gRPC link).")
 @click.option("--insecure", is_flag=True, help="Plain-text gRPC. For local experiments only.")
-@click.option("--fleet-address", default="127.0.0.1:9092", show_default=True,
-              help="Address institutions' nodes connect to.")
-@click.option("--control-address", default="127.0.0.1:9093", show_default=True)
-@click.option("--serverappio-address", default="127.0.0.1:9091", show_default=True)
+@click.option("--address", "fleet_address", default="127.0.0.1:9092", show_default=True,
+              help="host:port the coordinator listens on (institutions' nodes and run submission).")
+@click.option("--database", type=click.Path(dir_okay=False), default=None,
+              help="SQLite file where Flower's SuperLink keeps its state (default: in memory).")
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--min-nodes", type=click.IntRange(1), default=2, show_default=True,
               help="Institutions that must be connected before training starts.")
@@ -282,12 +283,14 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
 @_friendly_errors
-def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, control_address: str,
-                serverappio_address: str, rounds: int, min_nodes: int, strategy: str, model: str,
+def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int, min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
                 timeout: float) -> None:
-    """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp."""
-    from consortium.federation.certs import CertificatePaths  # noqa: PLC0415
+    """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
+
+    Institutions connect with 'consortium node --coordinator ADDRESS'. The run
+    starts once --min-nodes institutions are connected; results go to --store.
+    """
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.deploy import start_coordinator, submit_run  # noqa: PLC0415
 
@@ -300,14 +303,14 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, contr
     )
     work = Path(work_dir).resolve()
     with start_coordinator(certs=cert_paths, insecure=insecure, fleet_address=fleet_address,
-                           control_address=control_address, serverappio_address=serverappio_address,
-                           work_dir=work) as coord:
+                           work_dir=work, database=database) as coord:
+        coord.wait_ready()
         click.echo(f"Coordinator listening for institutions on {coord.addresses.fleet}"
                    f" ({'TLS' if cert_paths else 'INSECURE plain text'}); waiting for {min_nodes} node(s)")
-        outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout)
+        outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout, work_dir=work)
     click.echo(f"Flower run {outcome.run_id}: {outcome.status}")
-    if not outcome.ok:
-        raise click.ClickException(f"The federated run did not complete: {outcome.status}")
+    if not outcome.succeeded:
+        raise click.ClickException(f"The federated run did not complete: {outcome.status} {outcome.details}")
 
 
 @main.command()
@@ -334,10 +337,15 @@ def node(data_path: str, institution: str, fleet_address: str, ca_cert: str | No
     proc = start_node(fleet_address=fleet_address, ca_cert=Path(ca_cert) if ca_cert else None,
                       insecure=insecure, data_path=Path(data_path).resolve(), institution=institution,
                       work_dir=work, extra_node_config={"disclose-eval": "true" if disclose_eval else "false"})
-    click.echo(f"Node '{institution}' connected to {fleet_address}; Ctrl-C to stop (log: {work})")
     try:
-        proc.wait()
+        node_id = proc.wait_ready()
+        click.echo(f"Node '{institution}' (id {node_id}) connected to {fleet_address}; Ctrl-C to stop "
+                   f"(log: {proc.log_file})")
+        while proc.is_running():
+            time.sleep(1.0)
     except KeyboardInterrupt:
+        pass
+    finally:
         proc.stop()
 
 
@@ -350,8 +358,7 @@ def _cert_paths(certs_dir: str | None, insecure: bool):  # type: ignore[no-untyp
         return None
     if certs_dir is None:
         raise click.UsageError("Give --certs DIR (made by 'consortium certs DIR') or --insecure.")
-    d = Path(certs_dir)
-    return CertificatePaths(ca_cert=d / "ca.crt", server_cert=d / "server.crt", server_key=d / "server.key")
+    return CertificatePaths.in_directory(certs_dir)
 
 
 def _absolute_sqlite(url: str) -> str:
