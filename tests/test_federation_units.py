@@ -130,3 +130,19 @@ def test_unit_interval_mapping_inverts_for_reconstruction_errors() -> None:
     assert np.all((u >= 0) & (u < 1))
     for e, ui in zip(errs, u, strict=True):
         assert from_unit_interval(float(ui), kind="autoencoder") == pytest.approx(e, rel=1e-9)
+
+
+def test_auprc_from_histograms_equals_average_precision_of_binned_scores() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from consortium.federation.thresholds import auprc_from_histograms
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(5000) < 0.03).astype(np.int64)
+    scores = np.clip(rng.normal(0.4 + 0.2 * y, 0.15), 0, 1 - 1e-9)
+    bins = 500
+    neg, pos = score_histograms(scores, y, bins=bins)
+    binned = np.floor(scores * bins) / bins
+    assert auprc_from_histograms(neg, pos) == pytest.approx(average_precision_score(y, binned), abs=1e-12)
+    assert auprc_from_histograms(neg, pos) == pytest.approx(average_precision_score(y, scores), abs=0.02)
+    assert np.isnan(auprc_from_histograms(neg, np.zeros(bins)))

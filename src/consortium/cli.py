@@ -39,9 +39,12 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Flower and Ray are chatty; keep them quiet unless asked.
-    flwr_level = logging.DEBUG if verbose >= 2 else logging.ERROR
+    # Flower resets its own logger's level during a simulation, so detach it from our
+    # handlers instead of only raising its level.
     for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(flwr_level)
+        lib = logging.getLogger(name)
+        lib.setLevel(logging.DEBUG if verbose >= 2 else logging.ERROR)
+        lib.propagate = verbose >= 2
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
@@ -228,8 +231,9 @@ def data_generate(out_dir: str, institutions: int, transactions: int, seed: int)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--institutions", type=click.IntRange(1, 200), default=5, show_default=True)
-@click.option("--partition", type=click.Choice(["iid", "dirichlet", "quantity"]), default="dirichlet", show_default=True)
-@click.option("--alpha", type=float, default=0.5, show_default=True)
+@click.option("--partition", type=click.Choice(["iid", "dirichlet", "quantity"]), default="dirichlet",
+              show_default=True, help="How rows are split across institutions.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_friendly_errors
 def data_split(source: str, out_dir: str, label_column: str, institutions: int, partition: str,
@@ -283,7 +287,8 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
 @_friendly_errors
-def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int, min_nodes: int, strategy: str, model: str,
+def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int,
+                min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
                 timeout: float) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.

@@ -1,7 +1,8 @@
 """Reference points for every federated result: local-only and centralized training.
 
 Both baselines use the same model builder, local training loop, training budget
-(``num_rounds * local_epochs`` epochs) and metrics as the federated run, and are
+(``num_rounds * local_epochs`` epochs, with the best epoch chosen on validation
+data as the federated run chooses its best round) and metrics as the federated run, and are
 evaluated on the same global held-out split, so that "federated vs. local-only
 vs. centralized" compares training regimes and nothing else.  The centralized
 baseline pools every institution's training rows, which a real consortium
@@ -27,7 +28,9 @@ from consortium.models import (
     build_model,
     choose_threshold,
     evaluate_scores,
+    get_parameters,
     predict_scores,
+    set_parameters,
     train_local,
 )
 
@@ -44,27 +47,50 @@ class BaselineResult:
 
 
 def train_and_evaluate(
-    train: Dataset, val: Dataset, holdout: Dataset, config: FederationConfig, *, seed_offset: int = 0
+    train: Dataset, val: Dataset, holdout: Dataset, config: FederationConfig, *, seed_offset: int = 0,
+    patience: int = 5,
 ) -> FraudMetrics:
-    """Train one model on ``train`` the way a federated run would and score ``holdout``."""
+    """Train one model on ``train`` the way a federated run would and score ``holdout``.
+
+    Training runs epoch by epoch up to the federated budget (``num_rounds *
+    local_epochs`` epochs) and keeps the epoch with the best validation AUPRC
+    (early stopping after ``patience`` epochs without improvement), which is the
+    same validation-based model selection the federated run applies to its
+    rounds. The threshold is chosen on the same validation rows.
+    """
     stats = FeatureStats.from_data(train.X, train.y)
     std = stats.standardizer()
     pos_weight = balanced_pos_weight(stats.positive_rate) if config.loss == "weighted_bce" else None
     model = build_model(config.model, train.n_features, hidden=config.hidden, seed=config.seed)
-    tc = TrainConfig(
-        epochs=config.num_rounds * config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        loss=config.loss,
-        pos_weight=pos_weight,
-        focal_gamma=config.focal_gamma,
-        seed=config.seed * 1000 + seed_offset,
-    )
-    train_local(model, std.transform(train.X), train.y, config=tc)
+    X_train, X_val = std.transform(train.X), std.transform(val.X)  # noqa: N806
+    can_validate = val.n_rows > 0 and 0 < int(val.y.sum()) < val.n_rows
+    best_auprc, best_params, since_best = -1.0, get_parameters(model), 0
+    for epoch in range(config.num_rounds * config.local_epochs):
+        tc = TrainConfig(
+            epochs=1,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            loss=config.loss,
+            pos_weight=pos_weight,
+            focal_gamma=config.focal_gamma,
+            seed=config.seed * 100_000 + seed_offset * 1000 + epoch,
+        )
+        train_local(model, X_train, train.y, config=tc)
+        if not can_validate:
+            best_params = get_parameters(model)
+            continue
+        auprc = evaluate_scores(val.y, predict_scores(model, X_val)).auprc
+        if auprc > best_auprc:
+            best_auprc, best_params, since_best = auprc, get_parameters(model), 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    set_parameters(model, best_params)
     threshold = None
-    if val.n_rows and 0 < int(val.y.sum()) < val.n_rows:
-        threshold = choose_threshold(val.y, predict_scores(model, std.transform(val.X)), max_fpr=config.max_fpr)
+    if can_validate:
+        threshold = choose_threshold(val.y, predict_scores(model, X_val), max_fpr=config.max_fpr)
     scores = predict_scores(model, std.transform(holdout.X))
     return evaluate_scores(holdout.y, scores, threshold=threshold)
 

@@ -34,7 +34,9 @@ from flwr.clientapp.typing import Mod
 from consortium.data import InstitutionSplit, load_institution
 from consortium.errors import ConfigError
 from consortium.federation import messages as m
+from consortium.federation.exact_sum import encode_limbs
 from consortium.federation.thresholds import score_histograms, to_unit_interval
+from consortium.secagg.flower import secagg_mod
 from consortium.models import (
     FeatureStats,
     Standardizer,
@@ -96,17 +98,32 @@ def _model_from(content: RecordDict, n_features: int) -> tuple[torch.nn.Module, 
     return model, params
 
 
-def build_client_app(*, data_dirs: Sequence[Path] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+def build_client_app(
+    *,
+    data_dirs: Sequence[Path] | None = None,
+    mods: Sequence[Mod] | None = None,
+    disclose_eval_default: bool = False,
+) -> ClientApp:
     """Build the institution's ClientApp.
 
     Parameters
     ----------
     data_dirs : sequence of Path, optional
         Simulation only: directory of institution ``i`` for partition id ``i``.
-    mods : sequence of Mod
-        Flower mods wrapped around every handler (secure aggregation, privacy).
+    mods : sequence of Mod, optional
+        Flower mods wrapped around every handler. Default: secure aggregation's
+        mod, which passes through every message that is not part of a secure round.
+    disclose_eval_default : bool
+        Whether the institution shares metrics on its own test split when its
+        node config does not say (``disclose-eval``). Off by default: disclosure
+        is each institution's decision.
     """
+    if mods is None:
+        mods = [secagg_mod]
     app = ClientApp(mods=list(mods))
+
+    def disclose(context: Context) -> bool:
+        return _truthy(context.node_config.get(m.NODE_DISCLOSE_EVAL, disclose_eval_default))
 
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
@@ -116,7 +133,7 @@ def build_client_app(*, data_dirs: Sequence[Path] | None = None, mods: Sequence[
                 "institution": _institution_name(context, split),
                 "n-features": int(split.train.n_features),
                 "feature-names": list(split.train.feature_names),
-                "disclose-eval": _truthy(context.node_config.get(m.NODE_DISCLOSE_EVAL, True)),
+                "disclose-eval": disclose(context),
             }
         )
         return Message(RecordDict({m.INFO_RECORD: record}), reply_to=msg)
@@ -125,13 +142,8 @@ def build_client_app(*, data_dirs: Sequence[Path] | None = None, mods: Sequence[
     def stats(msg: Message, context: Context) -> Message:
         split = _load(context, data_dirs)
         fs = FeatureStats.from_data(split.train.X, split.train.y)
-        arrays = ArrayRecord(
-            {
-                "counts": _array(np.array([fs.count, fs.positives], dtype=np.float64)),
-                "sum": _array(np.asarray(fs.sum, dtype=np.float64)),
-                "sumsq": _array(np.asarray(fs.sumsq, dtype=np.float64)),
-            }
-        )
+        flat = np.concatenate([[fs.count, fs.positives], np.asarray(fs.sum), np.asarray(fs.sumsq)])
+        arrays = ArrayRecord({"stats": _array(encode_limbs(flat))})
         metrics = MetricRecord({m.WEIGHT: 1})
         return Message(RecordDict({m.UPDATE: arrays, m.METRICS: metrics}), reply_to=msg)
 
@@ -187,7 +199,7 @@ def build_client_app(*, data_dirs: Sequence[Path] | None = None, mods: Sequence[
             {m.VAL_HISTOGRAM: ArrayRecord({"neg": _array(neg), "pos": _array(pos)})}
         )
         metrics: dict[str, float | int] = {m.WEIGHT: int(split.test.n_rows)}
-        if _truthy(context.node_config.get(m.NODE_DISCLOSE_EVAL, True)):
+        if disclose(context):
             test_scores = predict_scores(model, std.transform(split.test.X))
             fm = evaluate_scores(split.test.y, test_scores)
             metrics.update(

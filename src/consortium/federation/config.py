@@ -58,6 +58,14 @@ class FederationConfig:
     secure_aggregation : bool
         Route every update through secure aggregation so the coordinator only
         learns sums.
+    clip_norm : float
+        L2 bound on one institution's model delta (larger deltas are scaled down).
+    coordinate_bound : float
+        Bound on each coordinate of a delta; sets the fixed-point precision of
+        secure aggregation (smaller is finer).
+    weight_cap : float
+        Example counts above this weigh as this many (keeps weights inside the
+        secure-aggregation encoding).
     max_fpr : float
         False-positive rate at which recall and the decision threshold are set.
     store_url : str
@@ -94,6 +102,9 @@ class FederationConfig:
     fraction_train: float = 1.0
     round_timeout: float = 600.0
     secure_aggregation: bool = True
+    clip_norm: float = 100.0
+    coordinate_bound: float = 1.0
+    weight_cap: float = 100_000.0
     max_fpr: float = 0.01
     store_url: str = "sqlite:///consortium.db"
     run_name: str = "federated"
@@ -132,6 +143,9 @@ class FederationConfig:
             raise param_error("fraction_train", owner, "a float in (0, 1]", self.fraction_train)
         if not self.round_timeout > 0:
             raise param_error("round_timeout", owner, "a float > 0", self.round_timeout)
+        for name in ("clip_norm", "coordinate_bound", "weight_cap"):
+            if not getattr(self, name) > 0:
+                raise param_error(name, owner, "a float > 0", getattr(self, name))
         if not 0 < self.max_fpr < 1:
             raise param_error("max_fpr", owner, "a float in (0, 1)", self.max_fpr)
 

@@ -26,8 +26,13 @@ from consortium.data import Dataset, load_npz
 from consortium.errors import FederationError
 from consortium.federation import messages as m
 from consortium.federation.config import FederationConfig
+from consortium.federation.exact_sum import decode_limb_sums
 from consortium.federation.server_optimizers import create_server_optimizer
-from consortium.federation.thresholds import from_unit_interval, threshold_from_histograms
+from consortium.federation.thresholds import (
+    auprc_from_histograms,
+    from_unit_interval,
+    threshold_from_histograms,
+)
 from consortium.federation.transport import Transport, create_transport
 from consortium.models import (
     FeatureStats,
@@ -69,7 +74,13 @@ class RunResult:
     threshold: float
     feature_names: tuple[str, ...]
     institutions: tuple[str, ...]
+    selected_round: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> RoundReport:
+        """The round whose model was kept (best federated validation AUPRC)."""
+        return next(r for r in self.rounds if r.round == self.selected_round)
 
 
 RoundCallback = Callable[[RoundReport], None]
@@ -170,13 +181,22 @@ class Coordinator:
                 )
         return names, reference, disclose
 
-    def federated_statistics(self, grid: Grid, node_ids: Sequence[int], names: Mapping[int, str]) -> FeatureStats:
+    def federated_statistics(
+        self, grid: Grid, node_ids: Sequence[int], names: Mapping[int, str], *, n_features: int
+    ) -> FeatureStats:
         """Sum the institutions' feature statistics (count, positives, sums, sums of squares)."""
-        result = self.transport.sum_statistics(grid, node_ids=node_ids, names=names, config=self.config)
-        counts, total, sumsq = result.update_sum
+        result = self.transport.sum_statistics(
+            grid, node_ids=node_ids, names=names, config=self.config, n_features=n_features
+        )
+        flat = decode_limb_sums(result.update_sum[0], n_participants=len(result.participants))
+        d = (len(flat) - 2) // 2
+        if len(result.participants) < self.config.min_nodes:
+            raise FederationError(
+                f"Only {len(result.participants)} institution(s) contributed feature statistics "
+                f"({list(result.participants)}; dropped {list(result.dropped)}); min_nodes={self.config.min_nodes}."
+            )
         return FeatureStats(
-            count=float(counts[0]), positives=float(counts[1]), sum=np.asarray(total, dtype=np.float64),
-            sumsq=np.asarray(sumsq, dtype=np.float64),
+            count=float(flat[0]), positives=float(flat[1]), sum=flat[2 : 2 + d], sumsq=flat[2 + d :]
         )
 
     # -- the run ----------------------------------------------------------------
@@ -187,7 +207,7 @@ class Coordinator:
         node_ids = self.wait_for_nodes(grid)
         names, feature_names, disclose = self.discover(grid, node_ids)
         node_ids = sorted(names)
-        stats = self.federated_statistics(grid, node_ids, names)
+        stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
         standardizer = stats.standardizer()
         pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
         model = build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed)
@@ -195,7 +215,15 @@ class Coordinator:
         optimizer = create_server_optimizer(cfg)
         institutions = tuple(names[n] for n in node_ids)
         run_config = dict(cfg.to_run_config())
-        run_config.update({"pos-weight": pos_weight, "feature-names": list(feature_names)})
+        run_config.update(
+            {
+                "pos-weight": pos_weight,
+                "feature-names": list(feature_names),
+                "transport": self.transport.name,
+                # Which institutions disclosed their own test-split metrics in this run.
+                "disclosure": {names[n]: disclose[names[n]] for n in node_ids},
+            }
+        )
         run_config.pop("store-url", None)
         run_id = self.store.create_run(name=cfg.run_name, config=run_config, institutions=institutions)
         logger.info(
@@ -220,6 +248,7 @@ class Coordinator:
         }
         reports: list[RoundReport] = []
         threshold = 0.5
+        best: tuple[float, int, list[np.ndarray], float] = (-1.0, 0, params, threshold)
         try:
             for rnd in range(1, cfg.num_rounds + 1):
                 started = datetime.now(UTC)
@@ -252,7 +281,14 @@ class Coordinator:
                 inst_metrics, neg, pos = self._evaluate(grid, node_ids, names, eval_content)
                 choice = threshold_from_histograms(neg, pos, max_fpr=cfg.max_fpr)
                 threshold = from_unit_interval(choice.unit_threshold, kind=cfg.model)
-                global_metrics = {"val-recall-at-threshold": choice.recall, "val-fpr-at-threshold": choice.fpr}
+                val_auprc = auprc_from_histograms(neg, pos)
+                global_metrics = {
+                    "val-auprc": val_auprc,
+                    "val-recall-at-threshold": choice.recall,
+                    "val-fpr-at-threshold": choice.fpr,
+                }
+                if not val_auprc <= best[0]:  # NaN (no validation positives) keeps the latest round
+                    best = (val_auprc if np.isfinite(val_auprc) else -1.0, rnd, params, threshold)
                 if self.holdout is not None:
                     global_metrics.update(
                         self._evaluate_holdout(params, standardizer, len(feature_names), threshold)
@@ -307,7 +343,10 @@ class Coordinator:
         except Exception as exc:
             self.store.finish_run(run_id, status="failed", message=f"{type(exc).__name__}: {exc}")
             raise
-        self.store.finish_run(run_id, status="completed")
+        _, selected_round, params, threshold = best
+        self.store.finish_run(
+            run_id, status="completed", message=f"selected round {selected_round} (best validation AUPRC)"
+        )
         return RunResult(
             run_id=run_id,
             rounds=tuple(reports),
@@ -316,6 +355,7 @@ class Coordinator:
             threshold=threshold,
             feature_names=feature_names,
             institutions=institutions,
+            selected_round=selected_round,
             extra={"disclosure": disclose, "pos_weight": pos_weight},
         )
 

@@ -37,8 +37,8 @@ class ExperimentResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def federated_metrics(self) -> dict[str, float]:
-        """Holdout metrics of the final global model."""
-        last = self.run.rounds[-1].global_metrics
+        """Holdout metrics of the kept global model (the round with the best validation AUPRC)."""
+        last = self.run.selected.global_metrics
         return {
             "auprc": last.get("auprc", math.nan),
             "roc_auc": last.get("roc-auc", math.nan),
@@ -75,7 +75,8 @@ class ExperimentResult:
         """Per-round holdout metrics of the global model."""
         return [
             {"round": r.round, "auprc": r.global_metrics.get("auprc", math.nan),
-             "roc_auc": r.global_metrics.get("roc-auc", math.nan), "seconds": r.seconds}
+             "roc_auc": r.global_metrics.get("roc-auc", math.nan),
+             "val_auprc": r.global_metrics.get("val-auprc", math.nan), "seconds": r.seconds}
             for r in self.run.rounds
         ]
 
@@ -85,6 +86,7 @@ class ExperimentResult:
             {
                 "dataset": self.dataset,
                 "run_id": self.run.run_id,
+                "selected_round": self.run.selected_round,
                 "institutions": list(self.run.institutions),
                 "config": {k: v for k, v in self.config.to_run_config().items() if k != "store-url"},
                 "summary": self.summary(),

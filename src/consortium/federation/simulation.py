@@ -20,6 +20,7 @@ from consortium.federation.config import FederationConfig
 from consortium.federation.coordinator import RoundCallback, RunResult
 from consortium.federation.server_app import build_server_app
 from consortium.registry import RunStore
+from consortium.secagg.flower import secagg_mod
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def simulate(
     on_round: RoundCallback | None = None,
     client_mods: Sequence[object] | None = None,
     num_cpus: int | None = None,
+    disclose_eval: bool = True,
 ) -> RunResult:
     """Train federated over ``split`` in Flower's simulation engine.
 
@@ -49,8 +51,10 @@ def simulate(
     on_round : callable, optional
         Progress callback, called once per completed round.
     client_mods : sequence, optional
-        Flower mods for the ClientApp (default: secure aggregation's mod when
-        ``config.secure_aggregation``).
+        Extra Flower mods for the ClientApp, after secure aggregation's mod.
+    disclose_eval : bool
+        Whether the simulated institutions share metrics on their own test
+        splits (they are all yours in a simulation; default True).
     num_cpus : int, optional
         CPUs given to the simulation backend (default: all).
 
@@ -64,8 +68,6 @@ def simulate(
     work = Path(work_dir)
     save_split(split, work / "data")
     data_dirs = [work / "data" / inst.name for inst in split.institutions]
-    if client_mods is None:
-        client_mods = _default_mods(config)
     cfg = config if config.min_nodes <= len(data_dirs) else _with_min_nodes(config, len(data_dirs))
     own_store = store is None
     run_store = store if store is not None else RunStore(cfg.store_url)
@@ -79,7 +81,10 @@ def simulate(
         on_result=results.append,
         on_error=errors.append,
     )
-    client_app = build_client_app(data_dirs=data_dirs, mods=list(client_mods))  # type: ignore[arg-type]
+    mods = None if client_mods is None else [secagg_mod, *client_mods]
+    client_app = build_client_app(
+        data_dirs=data_dirs, mods=mods, disclose_eval_default=disclose_eval  # type: ignore[arg-type]
+    )
     cpus = num_cpus or os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -102,14 +107,6 @@ def simulate(
             "The simulation ended without a result; see the Flower log above for the cause."
         )
     return results[0]
-
-
-def _default_mods(config: FederationConfig) -> list[object]:
-    if not config.secure_aggregation:
-        return []
-    from consortium.secagg.flower import secagg_mod  # noqa: PLC0415
-
-    return [secagg_mod]
 
 
 def _with_min_nodes(config: FederationConfig, n: int) -> FederationConfig:

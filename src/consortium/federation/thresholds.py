@@ -69,3 +69,23 @@ def threshold_from_histograms(neg: np.ndarray, pos: np.ndarray, *, max_fpr: floa
     ok = np.flatnonzero(fpr <= max_fpr)
     k = int(ok[0]) if len(ok) else bins - 1
     return ThresholdChoice(unit_threshold=k / bins, recall=float(pos_above[k] / n_pos), fpr=float(fpr[k]))
+
+
+def auprc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
+    """Average precision computed from summed per-class score histograms.
+
+    Scores in one bin are treated as tied, so this equals the average precision
+    of scores rounded down to the bin edges; with a few thousand bins it is
+    within about 0.01 of the exact value. Used to choose the best round on
+    validation data without any institution revealing a score.
+    """
+    neg = np.asarray(neg, dtype=np.float64)[::-1]
+    pos = np.asarray(pos, dtype=np.float64)[::-1]
+    n_pos = pos.sum()
+    if n_pos <= 0 or neg.sum() <= 0:
+        return float("nan")
+    tp = np.cumsum(pos)
+    fp = np.cumsum(neg)
+    keep = pos > 0
+    precision = tp[keep] / (tp[keep] + fp[keep])
+    return float(np.sum(precision * pos[keep]) / n_pos)

@@ -52,8 +52,9 @@ class Transport(ABC):
         node_ids: Sequence[int],
         names: Mapping[int, str],
         config: FederationConfig,
+        n_features: int,
     ) -> AggregateResult:
-        """Ask each node for its feature statistics and return their sum."""
+        """Ask each node for its feature statistics (exact limbs) and return their sum."""
 
 
 class PlainTransport(Transport):
@@ -107,7 +108,7 @@ class PlainTransport(Transport):
         messages = [Message(content, dst_node_id=n, message_type=m.TRAIN) for n in node_ids]
         return self._collect(grid, messages, names, reference, config.round_timeout)
 
-    def sum_statistics(self, grid, *, node_ids, names, config):  # type: ignore[no-untyped-def]
+    def sum_statistics(self, grid, *, node_ids, names, config, n_features):  # type: ignore[no-untyped-def]
         messages = [
             Message(RecordDict({m.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=m.STATS)
             for n in node_ids
@@ -133,7 +134,7 @@ def _valid_update(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray],
 def create_transport(config: FederationConfig) -> Transport:
     """Secure aggregation when ``config.secure_aggregation`` is set, else clear-text sums."""
     if config.secure_aggregation:
-        from consortium.secagg.transport import SecureTransport  # noqa: PLC0415
+        from consortium.federation.secure_transport import SecureTransport  # noqa: PLC0415
 
         return SecureTransport()
     return PlainTransport()
