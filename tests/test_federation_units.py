@@ -146,3 +146,20 @@ def test_auprc_from_histograms_equals_average_precision_of_binned_scores() -> No
     assert auprc_from_histograms(neg, pos) == pytest.approx(average_precision_score(y, binned), abs=1e-12)
     assert auprc_from_histograms(neg, pos) == pytest.approx(average_precision_score(y, scores), abs=0.02)
     assert np.isnan(auprc_from_histograms(neg, np.zeros(bins)))
+
+
+def test_fedavgm_accumulates_momentum_and_restores_state() -> None:
+    from consortium.federation.server_optimizers import FedAvgM
+
+    opt = FedAvgM(server_lr=1.0, momentum=0.5)
+    p = [np.zeros(2, dtype=np.float32)]
+    p = opt.step(p, [np.ones(2)])  # v = 1
+    np.testing.assert_allclose(p[0], 1.0)
+    p = opt.step(p, [np.ones(2)])  # v = 1.5
+    np.testing.assert_allclose(p[0], 2.5)
+    clone = FedAvgM(server_lr=1.0, momentum=0.5)
+    clone.load_state_arrays(opt.state_arrays())
+    np.testing.assert_allclose(clone.step(p, [np.zeros(2)])[0], opt.step(p, [np.zeros(2)])[0])
+    assert isinstance(create_server_optimizer(FederationConfig(strategy="fedavgm")), FedAvgM)
+    with pytest.raises(ConfigError, match="'momentum'"):
+        FedAvgM(momentum=1.0)

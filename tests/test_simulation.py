@@ -29,15 +29,16 @@ def _config(tmp_path: Path, **kw) -> FederationConfig:  # type: ignore[no-untype
     return dataclasses.replace(base, **kw)
 
 
-def test_plain_simulation_records_every_round_and_learns(small_split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_plain_simulation_records_every_round_and_learns(small_split, tmp_path: Path, run_store) -> None:  # type: ignore[no-untyped-def]
+    # run_store: SQLite file and the real PostgreSQL server (its own schema).
     cfg = _config(tmp_path)
     seen = []
-    with RunStore(cfg.store_url) as store:
-        result = simulate(small_split, cfg, work_dir=tmp_path / "w", store=store, on_round=seen.append)
-        rounds = store.rounds(result.run_id)
-        run = store.get_run(result.run_id)
-        ckpt = store.load_checkpoint(result.run_id)
-        inst = store.institution_metrics(result.run_id)
+    store = run_store
+    result = simulate(small_split, cfg, work_dir=tmp_path / "w", store=store, on_round=seen.append)
+    rounds = store.rounds(result.run_id)
+    run = store.get_run(result.run_id)
+    ckpt = store.load_checkpoint(result.run_id, round=result.selected_round)
+    inst = store.institution_metrics(result.run_id)
     assert [r.round for r in rounds] == [1, 2, 3] == [r.round for r in seen]
     assert run.status == "completed"
     assert sorted(run.institutions) == sorted(small_split.names())

@@ -84,7 +84,7 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Transactions generated per institution.")
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]), default="fedavg", show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True,
               help="Sum updates with secure aggregation (the coordinator sees only sums).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -138,7 +138,7 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]), default="fedavg", show_default=True)
 @click.option("--loss", type=click.Choice(["weighted_bce", "focal", "bce"]), default="weighted_bce", show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True)
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
@@ -278,7 +278,7 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--min-nodes", type=click.IntRange(1), default=2, show_default=True,
               help="Institutions that must be connected before training starts.")
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]), default="fedavg", show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True)
 @click.option("--holdout", type=click.Path(exists=True, dir_okay=False), default=None,

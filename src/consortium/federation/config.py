@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from consortium.errors import param_error
 
-Strategy = Literal["fedavg", "fedprox", "fedadam"]
+Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam"]
 ModelKind = Literal["mlp", "autoencoder"]
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder")
 LOSSES: tuple[str, ...] = ("weighted_bce", "focal", "bce")
 
@@ -33,9 +33,10 @@ class FederationConfig:
     ----------
     num_rounds : int
         Federated rounds to run.
-    strategy : {"fedavg", "fedprox", "fedadam"}
+    strategy : {"fedavg", "fedprox", "fedavgm", "fedadam"}
         Server-side aggregation rule. ``fedprox`` adds the proximal term
-        ``proximal_mu / 2 * ||w - w_global||^2`` to the local loss.
+        ``proximal_mu / 2 * ||w - w_global||^2`` to the local loss; ``fedavgm``
+        adds server momentum.
     model : {"mlp", "autoencoder"}
         Supervised classifier or unsupervised reconstruction model.
     hidden : tuple of int
@@ -46,6 +47,8 @@ class FederationConfig:
         FedProx coefficient; used only with ``strategy="fedprox"``.
     server_lr : float
         FedAvg/FedProx server step: ``w += server_lr * mean_delta``.
+    server_momentum : float
+        FedAvgM momentum on the mean delta (Hsu et al., 2019).
     adam_lr, adam_beta1, adam_beta2, adam_tau :
         FedAdam options (Reddi et al., 2021).
     min_nodes : int
@@ -94,6 +97,7 @@ class FederationConfig:
     focal_gamma: float = 2.0
     proximal_mu: float = 0.01
     server_lr: float = 1.0
+    server_momentum: float = 0.9
     adam_lr: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
@@ -134,7 +138,7 @@ class FederationConfig:
             raise param_error("loss", owner, f"one of {LOSSES}", self.loss)
         if self.proximal_mu < 0:
             raise param_error("proximal_mu", owner, "a float >= 0", self.proximal_mu)
-        for name in ("adam_beta1", "adam_beta2"):
+        for name in ("adam_beta1", "adam_beta2", "server_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise param_error(name, owner, "a float in [0, 1)", getattr(self, name))
         if self.min_nodes < 1:
