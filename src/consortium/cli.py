@@ -31,6 +31,10 @@ import click
 
 from consortium import __version__
 from consortium.errors import ConsortiumError
+from consortium.federation.config import STRATEGIES, FederationConfig
+
+DEFAULTS = FederationConfig()
+"""Command-line defaults are the library's defaults."""
 
 logger = logging.getLogger("consortium")
 
@@ -84,7 +88,7 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Transactions generated per institution.")
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True,
               help="Sum updates with secure aggregation (the coordinator sees only sums).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -134,11 +138,12 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
 @click.option("--transactions", type=click.IntRange(1000), default=20_000, show_default=True,
               help="Synthetic data: transactions per institution.")
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--local-epochs", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--local-epochs", type=click.IntRange(1), default=DEFAULTS.local_epochs, show_default=True,
+              help="Epochs each institution trains per round.")
+@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Local learning rate (Adam).")
+@click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
 @click.option("--loss", type=click.Choice(["weighted_bce", "focal", "bce"]), default="weighted_bce", show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True)
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
@@ -278,7 +283,7 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--min-nodes", type=click.IntRange(1), default=2, show_default=True,
               help="Institutions that must be connected before training starts.")
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox", "fedavgm", "fedadam"]), default="fedavg", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True)
 @click.option("--holdout", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -43,7 +43,7 @@ def run_demo(
     transactions: int = 20_000,
     rounds: int = 10,
     model: str = "mlp",
-    strategy: str = "fedavg",
+    strategy: str = "fedprox",
     secure_aggregation: bool = True,
     seed: int = 0,
     store_url: str | None = None,
@@ -63,9 +63,6 @@ def run_demo(
         num_rounds=rounds,
         strategy=strategy,  # type: ignore[arg-type]
         model=model,  # type: ignore[arg-type]
-        local_epochs=1,
-        batch_size=256,
-        lr=1e-3,
         min_nodes=institutions,
         secure_aggregation=secure_aggregation,
         store_url=url,

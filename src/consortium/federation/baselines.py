@@ -70,6 +70,7 @@ def train_and_evaluate(
             epochs=1,
             batch_size=config.batch_size,
             lr=config.lr,
+            optimizer=config.local_optimizer,  # type: ignore[arg-type]
             weight_decay=config.weight_decay,
             loss=config.loss,
             pos_weight=pos_weight,

@@ -158,6 +158,7 @@ def build_client_app(
             epochs=int(cfg["local-epochs"]),
             batch_size=int(cfg["batch-size"]),
             lr=float(cfg["lr"]),
+            optimizer=str(cfg.get("optimizer", "adam")),  # type: ignore[arg-type]
             weight_decay=float(cfg.get("weight-decay", 0.0)),
             loss=str(cfg["loss"]),
             pos_weight=float(cfg["pos-weight"]) if float(cfg.get("pos-weight", 0.0)) > 0 else None,

@@ -43,6 +43,8 @@ class FederationConfig:
         Hidden layer widths.
     local_epochs, batch_size, lr, weight_decay, loss, focal_gamma :
         Local training options (see :class:`consortium.models.TrainConfig`).
+    local_optimizer : {"adam", "sgd"}
+        Optimiser of local training (a fresh one every round).
     proximal_mu : float
         FedProx coefficient; used only with ``strategy="fedprox"``.
     server_lr : float
@@ -86,12 +88,13 @@ class FederationConfig:
     """
 
     num_rounds: int = 10
-    strategy: Strategy = "fedavg"
+    strategy: Strategy = "fedprox"
     model: ModelKind = "mlp"
     hidden: tuple[int, ...] = (64, 32)
-    local_epochs: int = 1
-    batch_size: int = 256
-    lr: float = 1e-3
+    local_epochs: int = 2
+    batch_size: int = 128
+    lr: float = 3e-3
+    local_optimizer: str = "adam"
     weight_decay: float = 0.0
     loss: str = "weighted_bce"
     focal_gamma: float = 2.0
@@ -134,6 +137,8 @@ class FederationConfig:
         for name in ("lr", "server_lr", "adam_lr", "adam_tau"):
             if not getattr(self, name) > 0:
                 raise param_error(name, owner, "a float > 0", getattr(self, name))
+        if self.local_optimizer not in ("adam", "sgd"):
+            raise param_error("local_optimizer", owner, "one of ('adam', 'sgd')", self.local_optimizer)
         if self.loss not in LOSSES:
             raise param_error("loss", owner, f"one of {LOSSES}", self.loss)
         if self.proximal_mu < 0:

@@ -239,6 +239,7 @@ class Coordinator:
             "local-epochs": cfg.local_epochs,
             "batch-size": cfg.batch_size,
             "lr": cfg.lr,
+            "optimizer": cfg.local_optimizer,
             "weight-decay": cfg.weight_decay,
             "loss": cfg.loss,
             "pos-weight": pos_weight,
