@@ -112,3 +112,14 @@ def test_secure_aggregation_gives_the_plain_model_up_to_quantisation(small_split
         assert b.dtype == a.dtype == np.float32
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-3)
     assert set(secure_result.rounds[-1].participants) == set(plain.rounds[-1].participants) == set(small_split.names())
+
+
+def test_autoencoder_federation_scores_by_reconstruction_error(small_split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = _config(tmp_path, model="autoencoder", num_rounds=2, hidden=(16, 4))
+    with RunStore(cfg.store_url) as store:
+        result = simulate(small_split, cfg, work_dir=tmp_path / "w", store=store)
+    final = result.rounds[-1]
+    assert np.isfinite(final.global_metrics["roc-auc"]) and np.isfinite(final.global_metrics["auprc"])
+    # The threshold lives in reconstruction-error space (not a probability).
+    assert result.threshold > 0
+    assert final.train_metrics["train-loss"] > 0
