@@ -12,7 +12,7 @@ from consortium.federation.config import FederationConfig
 from consortium.federation.deploy import FlowerProcess, start_coordinator, start_node, submit_run
 from consortium.registry import RunStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_coordinator_and_three_nodes_complete_three_rounds_over_tls(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_coordinator_and_three_nodes_complete_three_rounds_over_tls(tmp_path: Pa
                                         work_dir=tmp_path / f"node-{name}"))
             for node in nodes:
                 node.wait_ready(timeout=60)  # type: ignore[attr-defined]
-            outcome = submit_run(coordinator, run_config=config.to_run_config(), timeout=240)
+            outcome = submit_run(coordinator, run_config=config.to_run_config(), timeout=600)
         finally:
             for node in nodes:
                 node.stop()
