@@ -105,6 +105,12 @@ def test_secure_aggregation_gives_the_plain_model_up_to_quantisation(small_split
             run = store.get_run(results[secure].run_id)
         assert run.config["transport"] == ("secagg" if secure else "plain")
     plain, secure_result = results[False], results[True]
+    # Federated standardisation equals the pooled data's (no row left an institution).
+    from consortium.models import FeatureStats
+
+    pooled = FeatureStats.from_data(small_split.pooled_train().X, small_split.pooled_train().y).standardizer()
+    np.testing.assert_allclose(secure_result.standardizer.mean, pooled.mean, rtol=1e-6)
+    np.testing.assert_allclose(secure_result.standardizer.std, pooled.std, rtol=1e-6)
     # Federated standardisation through exact limbs is bit-identical.
     np.testing.assert_array_equal(plain.standardizer.mean, secure_result.standardizer.mean)
     np.testing.assert_array_equal(plain.standardizer.std, secure_result.standardizer.std)

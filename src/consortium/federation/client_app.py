@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -35,19 +34,7 @@ from consortium.data import InstitutionSplit, load_institution
 from consortium.errors import ConfigError
 from consortium.federation import messages as m
 from consortium.federation.exact_sum import encode_limbs
-from consortium.federation.thresholds import score_histograms, to_unit_interval
 from consortium.secagg.flower import secagg_mod
-from consortium.models import (
-    FeatureStats,
-    Standardizer,
-    TrainConfig,
-    build_model,
-    evaluate_scores,
-    get_parameters,
-    predict_scores,
-    set_parameters,
-    train_local,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +69,6 @@ def _load(context: Context, data_dirs: Sequence[Path] | None) -> InstitutionSpli
 
 def _institution_name(context: Context, split: InstitutionSplit) -> str:
     return str(context.node_config.get(m.NODE_INSTITUTION, split.name))
-
-
-def _standardizer(content: RecordDict) -> Standardizer:
-    arrays = content.array_records[m.STANDARDIZER]
-    return Standardizer(mean=arrays["mean"].numpy(), std=arrays["std"].numpy())
-
-
-def _model_from(content: RecordDict, n_features: int) -> tuple[torch.nn.Module, list[np.ndarray]]:
-    cfg = content.config_records[m.CONFIG]
-    hidden = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h)
-    model = build_model(str(cfg["model"]), n_features, hidden=hidden, seed=int(cfg.get("seed", 0)))
-    params = content.array_records[m.GLOBAL_ARRAYS].to_numpy_ndarrays()
-    set_parameters(model, params)
-    return model, params
 
 
 def build_client_app(
@@ -141,80 +114,25 @@ def build_client_app(
     @app.query("stats")
     def stats(msg: Message, context: Context) -> Message:
         split = _load(context, data_dirs)
-        fs = FeatureStats.from_data(split.train.X, split.train.y)
-        flat = np.concatenate([[fs.count, fs.positives], np.asarray(fs.sum), np.asarray(fs.sumsq)])
+        # The additive statistics of consortium.models.FeatureStats (count, positives, sums, sums
+        # of squares), computed here with numpy alone so that this handler does not import torch.
+        X = split.train.X.astype(np.float64)
+        flat = np.concatenate([[X.shape[0], float(split.train.y.sum())], X.sum(axis=0), (X * X).sum(axis=0)])
         arrays = ArrayRecord({"stats": _array(encode_limbs(flat))})
         metrics = MetricRecord({m.WEIGHT: 1})
         return Message(RecordDict({m.UPDATE: arrays, m.METRICS: metrics}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        split = _load(context, data_dirs)
-        cfg = msg.content.config_records[m.CONFIG]
-        model, global_params = _model_from(msg.content, split.train.n_features)
-        X = _standardizer(msg.content).transform(split.train.X)
-        tc = TrainConfig(
-            epochs=int(cfg["local-epochs"]),
-            batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]),
-            optimizer=str(cfg.get("optimizer", "adam")),  # type: ignore[arg-type]
-            weight_decay=float(cfg.get("weight-decay", 0.0)),
-            loss=str(cfg["loss"]),
-            pos_weight=float(cfg["pos-weight"]) if float(cfg.get("pos-weight", 0.0)) > 0 else None,
-            focal_gamma=float(cfg.get("focal-gamma", 2.0)),
-            proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-            seed=int(cfg.get("seed", 0)) * 1000 + int(cfg.get("server-round", 0)),
-        )
-        result = train_local(
-            model,
-            X,
-            split.train.y,
-            config=tc,
-            global_params=global_params if tc.proximal_mu > 0 else None,
-        )
-        local = get_parameters(model)
-        delta = [(lp - gp).astype(gp.dtype) for lp, gp in zip(local, global_params, strict=True)]
-        content = RecordDict(
-            {
-                m.UPDATE: ArrayRecord.from_numpy_ndarrays(delta),
-                m.METRICS: MetricRecord(
-                    {m.WEIGHT: int(result.num_examples), "train-loss": float(result.mean_loss)}
-                ),
-            }
-        )
-        return Message(content, reply_to=msg)
+        from consortium.federation.local_work import train_reply  # noqa: PLC0415  (torch: only when training)
+
+        return Message(train_reply(_load(context, data_dirs), msg.content), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        split = _load(context, data_dirs)
-        cfg = msg.content.config_records[m.CONFIG]
-        kind = str(cfg["model"])
-        model, _ = _model_from(msg.content, split.train.n_features)
-        std = _standardizer(msg.content)
-        bins = int(cfg.get("histogram-bins", m.HISTOGRAM_BINS))
-        val_scores = predict_scores(model, std.transform(split.val.X))
-        neg, pos = score_histograms(to_unit_interval(val_scores, kind=kind), split.val.y, bins=bins)
-        content = RecordDict(
-            {m.VAL_HISTOGRAM: ArrayRecord({"neg": _array(neg), "pos": _array(pos)})}
-        )
-        metrics: dict[str, float | int] = {m.WEIGHT: int(split.test.n_rows)}
-        if disclose(context):
-            test_scores = predict_scores(model, std.transform(split.test.X))
-            fm = evaluate_scores(split.test.y, test_scores)
-            metrics.update(
-                {
-                    "auprc": _finite(fm.auprc),
-                    "roc-auc": _finite(fm.roc_auc),
-                    "recall-at-1pct-fpr": _finite(fm.recall_at_1pct_fpr),
-                    "disclosed": 1,
-                }
-            )
-        else:
-            metrics["disclosed"] = 0
-        content[m.METRICS] = MetricRecord(metrics)
-        return Message(content, reply_to=msg)
+        from consortium.federation.local_work import evaluate_reply  # noqa: PLC0415
+
+        return Message(evaluate_reply(_load(context, data_dirs), msg.content, disclose=disclose(context)), reply_to=msg)
 
     return app
 
@@ -223,11 +141,6 @@ def _array(a: np.ndarray):  # type: ignore[no-untyped-def]
     from flwr.app import Array
 
     return Array(np.ascontiguousarray(a))
-
-
-def _finite(x: float) -> float:
-    """MetricRecord values must be numbers; NaN (single-class test split) is sent as -1."""
-    return float(x) if np.isfinite(x) else -1.0
 
 
 app = build_client_app()

@@ -38,7 +38,9 @@ def encode_limbs(values: np.ndarray) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(v))[:5].tolist()
         raise DataError(f"Cannot encode non-finite statistics (positions {bad}); expected finite numbers.")
     if v.size and np.max(np.abs(v)) >= MAX_ABS:
-        raise DataError(f"A statistic has magnitude {np.max(np.abs(v)):.3g}; the exact-sum encoding holds up to {MAX_ABS:.3g}.")
+        raise DataError(
+            f"A statistic has magnitude {np.max(np.abs(v)):.3g}; the exact-sum encoding holds up to {MAX_ABS:.3g}."
+        )
     out = np.empty((v.size, N_LIMBS), dtype=np.float32)
     mask = (1 << LIMB_BITS) - 1
     for i, x in enumerate(v.tolist()):

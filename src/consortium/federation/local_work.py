@@ -1,0 +1,104 @@
+"""What an institution computes on its own rows when asked to train or evaluate.
+
+Kept apart from :mod:`consortium.federation.client_app` so that only training
+and evaluation messages import PyTorch: Flower starts a ClientApp process per
+message in deployment, and the secure-aggregation stages between them need no
+model code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from consortium.data import InstitutionSplit
+from consortium.federation import messages as m
+from consortium.federation.thresholds import score_histograms, to_unit_interval
+from consortium.models import (
+    Standardizer,
+    TrainConfig,
+    build_model,
+    evaluate_scores,
+    get_parameters,
+    predict_scores,
+    set_parameters,
+    train_local,
+)
+
+
+def standardizer_from(content: RecordDict) -> Standardizer:
+    """The federated standardisation the coordinator sent."""
+    arrays = content.array_records[m.STANDARDIZER]
+    return Standardizer(mean=arrays["mean"].numpy(), std=arrays["std"].numpy())
+
+
+def model_from(content: RecordDict, n_features: int) -> tuple[torch.nn.Module, list[np.ndarray]]:
+    """Build the model the config names and load the global parameters into it."""
+    cfg = content.config_records[m.CONFIG]
+    hidden = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h) or None
+    model = build_model(str(cfg["model"]), n_features, hidden=hidden, seed=int(cfg.get("seed", 0)))
+    params = content.array_records[m.GLOBAL_ARRAYS].to_numpy_ndarrays()
+    set_parameters(model, params)
+    return model, params
+
+
+def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
+    """Train locally from the global model; reply with the delta and the example count."""
+    torch.set_num_threads(1)
+    cfg = content.config_records[m.CONFIG]
+    model, global_params = model_from(content, split.train.n_features)
+    X = standardizer_from(content).transform(split.train.X)
+    pos_weight = float(cfg.get("pos-weight", 0.0))
+    tc = TrainConfig(
+        epochs=int(cfg["local-epochs"]),
+        batch_size=int(cfg["batch-size"]),
+        lr=float(cfg["lr"]),
+        optimizer=str(cfg.get("optimizer", "adam")),  # type: ignore[arg-type]
+        weight_decay=float(cfg.get("weight-decay", 0.0)),
+        loss=str(cfg["loss"]),
+        pos_weight=pos_weight if pos_weight > 0 else None,
+        focal_gamma=float(cfg.get("focal-gamma", 2.0)),
+        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+        seed=int(cfg.get("seed", 0)) * 1000 + int(cfg.get("server-round", 0)),
+    )
+    result = train_local(
+        model, X, split.train.y, config=tc, global_params=global_params if tc.proximal_mu > 0 else None
+    )
+    delta = [(lp - gp).astype(gp.dtype) for lp, gp in zip(get_parameters(model), global_params, strict=True)]
+    return RecordDict(
+        {
+            m.UPDATE: ArrayRecord.from_numpy_ndarrays(delta),
+            m.METRICS: MetricRecord({m.WEIGHT: int(result.num_examples), "train-loss": float(result.mean_loss)}),
+        }
+    )
+
+
+def evaluate_reply(split: InstitutionSplit, content: RecordDict, *, disclose: bool) -> RecordDict:
+    """Validation-score histograms (always) and own test metrics (only if ``disclose``)."""
+    torch.set_num_threads(1)
+    cfg = content.config_records[m.CONFIG]
+    kind = str(cfg["model"])
+    model, _ = model_from(content, split.train.n_features)
+    std = standardizer_from(content)
+    bins = int(cfg.get("histogram-bins", m.HISTOGRAM_BINS))
+    val_scores = predict_scores(model, std.transform(split.val.X))
+    neg, pos = score_histograms(to_unit_interval(val_scores, kind=kind), split.val.y, bins=bins)
+    reply = RecordDict({m.VAL_HISTOGRAM: ArrayRecord({"neg": Array(neg), "pos": Array(pos)})})
+    metrics: dict[str, float | int] = {m.WEIGHT: int(split.test.n_rows), "disclosed": int(disclose)}
+    if disclose:
+        fm = evaluate_scores(split.test.y, predict_scores(model, std.transform(split.test.X)))
+        metrics.update(
+            {
+                "auprc": _finite(fm.auprc),
+                "roc-auc": _finite(fm.roc_auc),
+                "recall-at-1pct-fpr": _finite(fm.recall_at_1pct_fpr),
+            }
+        )
+    reply[m.METRICS] = MetricRecord(metrics)
+    return reply
+
+
+def _finite(x: float) -> float:
+    """MetricRecord values must be numbers; NaN (single-class test split) is sent as -1."""
+    return float(x) if np.isfinite(x) else -1.0
