@@ -129,3 +129,16 @@ def test_autoencoder_federation_scores_by_reconstruction_error(small_split, tmp_
     # The threshold lives in reconstruction-error space (not a probability).
     assert result.threshold > 0
     assert final.train_metrics["train-loss"] > 0
+
+
+def test_two_nodes_claiming_one_institution_are_refused(small_split, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from consortium.errors import FederationError
+    from consortium.federation import messages as m
+
+    def everyone_is_bank_a(msg, context, call_next):  # type: ignore[no-untyped-def]
+        context.node_config[m.NODE_INSTITUTION] = "bank_a"
+        return call_next(msg, context)
+
+    cfg = _config(tmp_path, num_rounds=1)
+    with RunStore(cfg.store_url) as store, pytest.raises(FederationError, match="'bank_a' is claimed by two nodes"):
+        simulate(small_split, cfg, work_dir=tmp_path / "w", store=store, client_mods=[everyone_is_bank_a])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -274,8 +275,8 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 
 @main.command()
 @click.option("--certs", "certs_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Directory made by 'consortium certs' (TLS on every gRPC link).")
-@click.option("--insecure", is_flag=True, help="Plain-text gRPC. For local experiments only.")
+              help="Directory made by 'consortium certs' (TLS on every link to the coordinator).")
+@click.option("--insecure", is_flag=True, help="No TLS (plain text). For local experiments only.")
 @click.option("--address", "fleet_address", default="127.0.0.1:9092", show_default=True,
               help="host:port the coordinator listens on (institutions' nodes and run submission).")
 @click.option("--database", type=click.Path(dir_okay=False), default=None,
@@ -317,7 +318,7 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
         coord.wait_ready()
         click.echo(f"Coordinator listening for institutions on {coord.addresses.fleet}"
                    f" ({'TLS' if cert_paths else 'INSECURE plain text'}); waiting for {min_nodes} node(s)")
-        outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout, work_dir=work)
+        outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout)
     click.echo(f"Flower run {outcome.run_id}: {outcome.status}")
     if not outcome.succeeded:
         raise click.ClickException(f"The federated run did not complete: {outcome.status} {outcome.details}")
@@ -331,7 +332,7 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
               help="Coordinator's fleet address.")
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CA certificate that signed the coordinator's certificate.")
-@click.option("--insecure", is_flag=True, help="Plain-text gRPC. For local experiments only.")
+@click.option("--insecure", is_flag=True, help="No TLS (plain text). For local experiments only.")
 @click.option("--disclose-eval/--no-disclose-eval", default=True, show_default=True,
               help="Share metrics on this institution's own test split with the coordinator.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None)
@@ -347,6 +348,8 @@ def node(data_path: str, institution: str, fleet_address: str, ca_cert: str | No
     proc = start_node(fleet_address=fleet_address, ca_cert=Path(ca_cert) if ca_cert else None,
                       insecure=insecure, data_path=Path(data_path).resolve(), institution=institution,
                       work_dir=work, extra_node_config={"disclose-eval": "true" if disclose_eval else "false"})
+    # SIGTERM (systemd, kill, CI) must stop the SuperNode too, not orphan it.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         node_id = proc.wait_ready()
         click.echo(f"Node '{institution}' (id {node_id}) connected to {fleet_address}; Ctrl-C to stop "

@@ -164,7 +164,14 @@ class Coordinator:
         for r in replies:
             info = r.content.config_records[m.INFO_RECORD]
             name = str(info["institution"])
-            names[r.metadata.src_node_id] = name
+            node = r.metadata.src_node_id
+            other = next((n for n, existing in names.items() if existing == name), None)
+            if other is not None:
+                raise FederationError(
+                    f"Institution '{name}' is claimed by two nodes ({other} and {node}); each institution "
+                    "must run exactly one node (a stale node may still be connected: stop it and restart)."
+                )
+            names[node] = name
             schemas[name] = tuple(str(f) for f in info["feature-names"])  # type: ignore[union-attr]
             disclose[name] = bool(info["disclose-eval"])
         if len(names) < self.config.min_nodes:
