@@ -29,6 +29,18 @@ exact weighted mean of the survivors' deltas.
     python benchmarks/secagg.py              # N in {10, 50, 100}, d in {10k, 100k, 1M}
     python benchmarks/secagg.py --quick      # N = 20, d = 100k (< 60 s)
     python benchmarks/secagg.py --json out.json
+    python benchmarks/secagg.py --quick --no-write   # print the summary, leave results/ alone
+
+``--focus`` is a short, repeated measurement of the two target ratios at one
+size (default N = 50, d = 100k): plain, ours and flower-k7 interleaved
+``--repeat`` times (medians), plus the *floor* of our protocol on this machine:
+the irreducible cryptography of a round (2 X25519 key generations, 2k
+agreements and k + 1 AES-CTR expansions of d words per institution, |S|
+expansions on the coordinator) and the cost of three extra protocol-sized
+message round trips per institution through the same Grid. It never writes
+``results/``:
+
+    python benchmarks/secagg.py --focus --n 50 --d 100000 --repeat 5
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # clients run one after the other
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -52,7 +65,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, parser, write_results  # noqa: E402
+from _common import environment, json_safe, parser, write_results  # noqa: E402
 
 from consortium.federation.aggregation import AggregateResult, weighted_sum  # noqa: E402
 from consortium.secagg.errors import SecAggAbort  # noqa: E402
@@ -358,6 +371,156 @@ def run_flower(
     return out
 
 
+# --------------------------------------------------------------------------- floor
+
+
+def crypto_floor(n: int, d: int) -> dict[str, float]:
+    """Process CPU seconds of the cryptography no SecAgg+ round can skip, all parties together.
+
+    Per institution: two X25519 key generations, ``2k`` agreements (share keys
+    and mask keys with each neighbour of the default graph) and ``k + 1``
+    AES-CTR expansions of ``d`` ``uint32`` words added into its input; on the
+    coordinator, one expansion per survivor (self masks). No HKDF, Shamir,
+    encoding, state or messages: a lower bound for ``ours - plain``.
+    """
+    from consortium.secagg import primitives as prim
+    from consortium.secagg.graph import build_graph, default_neighbours
+
+    ids = node_ids(n)
+    graph = build_graph(ids, k=default_neighbours(n), seed=b"floor-graph-seed")
+    x = np.zeros(d, dtype=np.uint32)
+    c0 = time.process_time()
+    mask_keys = {u: prim.generate_keypair() for u in ids}
+    share_keys = {u: prim.generate_keypair() for u in ids}
+    c1 = time.process_time()
+    seeds = {}
+    for u in ids:
+        nb = graph.of(u)
+        prim.agree_many(share_keys[u].private, [share_keys[v].public for v in nb])
+        seeds[u] = prim.agree_many(mask_keys[u].private, [mask_keys[v].public for v in nb])
+    c2 = time.process_time()
+    for u in ids:
+        y = np.empty(d, dtype=np.uint32)
+        expander = prim.MaskExpander(d)
+        expander.add_into(y, mask_keys[u].private, base=x)  # the self mask (any 32-byte seed)
+        for seed in seeds[u]:
+            expander.add_into(y, seed)
+    total = np.zeros(d, dtype=np.uint32)
+    expander = prim.MaskExpander(d)
+    for u in ids:
+        expander.add_into(total, mask_keys[u].private, subtract=True)
+    c3 = time.process_time()
+    return {
+        "keygen_s": c1 - c0,
+        "agreements_s": c2 - c1,
+        "prg_s": c3 - c2,
+        "total_s": c3 - c0,
+        "k": float(graph.k),
+    }
+
+
+def messaging_floor(n: int, *, stages: int = 3) -> float:
+    """Process CPU seconds of ``stages`` extra protocol-sized message round trips per institution.
+
+    Each round trip is what a SecAgg+ stage without any computation costs over
+    the in-process Grid: the coordinator builds one Message per node with a
+    small ``secagg`` ConfigRecord (a stage, a round id, 13 x 176-byte
+    ciphertexts), the Grid serialises it both ways, a mod answers with a record
+    of the same shape.
+    """
+    payload = [bytes(176)] * 13
+
+    def echo_mod(msg: Message, context: Context, call_next: Any) -> Message:
+        rec = msg.content["secagg"]
+        reply = ConfigRecord({"stage": rec["stage"], "round-id": rec["round-id"], "ciphertexts": payload})
+        return Message(RecordDict({"secagg": reply}), reply_to=msg)
+
+    app = ClientApp(mods=[echo_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:  # never reached
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = make_grid(app, n)
+    c0 = time.process_time()
+    for stage in range(stages):
+        msgs = [
+            Message(
+                RecordDict(
+                    {
+                        "secagg": ConfigRecord(
+                            {"stage": f"s{stage}", "round-id": "floor", "ciphertexts": payload, "ids": bytes(8 * 13)}
+                        )
+                    }
+                ),
+                dst_node_id=u,
+                message_type="train",
+            )
+            for u in grid.node_ids
+        ]
+        replies = grid.pull_messages(list(grid.push_messages(msgs)))
+        assert len(list(replies)) == n
+    return time.process_time() - c0
+
+
+def run_focus(n: int, d: int, *, repeat: int) -> dict[str, Any]:
+    """Medians of plain, ours and flower-k7 (interleaved ``repeat`` times) and the protocol floor."""
+    fns: dict[str, Callable[[], dict[str, Any]]] = {
+        "plain": lambda: run_plain(n, d),
+        "ours": lambda: run_ours(n, d),
+        "flower-k7": lambda: run_flower(n, d, num_shares=7, threshold=4),
+    }
+    for fn in fns.values():  # warm-up (imports, allocator)
+        fn()
+    cpu: dict[str, list[float]] = {m: [] for m in fns}
+    floors: list[dict[str, float]] = []
+    messaging: list[float] = []
+    for _ in range(repeat):
+        for mode, fn in fns.items():
+            res = fn()
+            if not res.get("completed"):
+                raise RuntimeError(f"{mode} did not complete: {res.get('error')}")
+            cpu[mode].append(res["round_cpu_s"])
+        floors.append(crypto_floor(n, d))
+        messaging.append(messaging_floor(n))
+    med = {m: float(np.median(v)) for m, v in cpu.items()}
+    crypto = {k: float(np.median([f[k] for f in floors])) for k in floors[0]}
+    msg_s = float(np.median(messaging))
+    return {
+        "n": n,
+        "d": d,
+        "repeat": repeat,
+        "cpu_s": cpu,
+        "median_cpu_s": med,
+        "secagg_over_plain": med["ours"] / med["plain"],
+        "flower_over_ours": med["flower-k7"] / med["ours"],
+        "crypto_floor_s": crypto,
+        "messaging_floor_s": msg_s,
+        "floor_secagg_over_plain_crypto_only": (med["plain"] + crypto["total_s"]) / med["plain"],
+        "floor_secagg_over_plain": (med["plain"] + crypto["total_s"] + msg_s) / med["plain"],
+        "floor_flower_over_ours": med["flower-k7"] / (med["plain"] + crypto["total_s"] + msg_s),
+    }
+
+
+def focus_report(r: dict[str, Any]) -> str:
+    m, c = r["median_cpu_s"], r["crypto_floor_s"]
+    return "\n".join(
+        [
+            f"N = {r['n']}, d = {r['d']:,}, k = {int(c['k'])}, medians of {r['repeat']} interleaved rounds "
+            "(process CPU, all parties):",
+            f"  plain {m['plain']:.4f} s | ours {m['ours']:.4f} s | flower-k7 {m['flower-k7']:.4f} s",
+            f"  secagg_over_plain {r['secagg_over_plain']:.2f} (target <= 1.5) | "
+            f"flower_over_ours {r['flower_over_ours']:.2f} (target >= 6)",
+            f"  crypto floor {c['total_s']:.4f} s = keygen {c['keygen_s']:.4f} + X25519 agreements "
+            f"{c['agreements_s']:.4f} + AES-CTR expansions {c['prg_s']:.4f}",
+            f"  messaging floor (3 extra round trips per institution) {r['messaging_floor_s']:.4f} s",
+            f"  floor secagg_over_plain: {r['floor_secagg_over_plain_crypto_only']:.2f} (crypto only), "
+            f"{r['floor_secagg_over_plain']:.2f} (crypto + messages); "
+            f"flower_over_ours at that floor: {r['floor_flower_over_ours']:.2f}",
+        ]
+    )
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -516,9 +679,25 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=None, help="Override the numbers of institutions.")
     p.add_argument("--d", type=int, nargs="+", default=None, help="Override the numbers of parameters.")
+    p.add_argument("--no-write", action="store_true", help="Do not write results/ (log the summary only).")
+    p.add_argument(
+        "--focus",
+        action="store_true",
+        help="Only the target ratios and the protocol floor at --n/--d (default 50, 100k); never writes results/.",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="Interleaved repetitions for --focus (medians).")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("consortium").setLevel(logging.ERROR)
+    if args.focus:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        for n in args.n or (SUMMARY_FULL[0],):
+            for d in args.d or (SUMMARY_FULL[1],):
+                focus = run_focus(n, d, repeat=max(1, args.repeat))
+                logger.info("%s", focus_report(focus))
+                if args.json_path:
+                    Path(args.json_path).write_text(json.dumps(json_safe(focus), indent=2))
+        return
     ns = args.n or (QUICK_N if args.quick else FULL_N)
     ds = args.d or (QUICK_D if args.quick else FULL_D)
     summary_at = SUMMARY_QUICK if args.quick else SUMMARY_FULL
@@ -529,8 +708,11 @@ def main() -> None:
     result.update(
         flwr=flwr.__version__, quick=args.quick, environment=environment(), duration_s=time.perf_counter() - t0
     )
-    out = write_results("secagg", result, markdown(result), json_path=args.json_path)
     logger.info("summary: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["summary"].items()})
+    if args.no_write:
+        logger.info("targets: %s (%.0f s; results/ not written)", result["targets_met"], result["duration_s"])
+        return
+    out = write_results("secagg", result, markdown(result), json_path=args.json_path)
     logger.info("wrote %s (%.0f s)", out, result["duration_s"])
 
 

@@ -30,9 +30,13 @@ from consortium.secagg.contribution import ContributionSpec, build_contribution
 from consortium.secagg.flower import (
     SECAGG_ARRAYS,
     SECAGG_RECORD,
+    STATE_ARRAYS,
+    STATE_RECORD,
     SecAggAbort,
     SecAggConfig,
+    array_of,
     make_secagg_mod,
+    numpy_of,
     run_secure_round,
     secagg_mod,
 )
@@ -198,6 +202,55 @@ def _assert_only_secagg_records(node: int, label: str, reply: Message) -> Messag
     assert set(reply.content) <= {SECAGG_RECORD, SECAGG_ARRAYS}
     assert not reply.content.metric_records
     return reply
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(10, dtype=np.uint32),
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array([True, False]),
+        np.zeros((0,), dtype=np.float64),
+        np.array(3.5),
+        np.arange(6, dtype=">i8"),
+        np.arange(20, dtype=np.float64).reshape(4, 5)[:, 1],  # not contiguous
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),  # structured
+    ],
+)
+def test_fast_array_serialisation_is_byte_identical_to_flowers(arr: np.ndarray) -> None:
+    ours, flowers = array_of(arr), Array(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
+    assert (ours.dtype, ours.shape, ours.stype) == (flowers.dtype, flowers.shape, flowers.stype)
+    assert ours.data == flowers.data
+    back = numpy_of(flowers)
+    assert back.dtype == arr.dtype and back.shape == arr.shape and np.array_equal(back, arr)
+
+
+def test_fast_array_parsing_falls_back_to_np_load_for_anything_unusual() -> None:
+    good = Array(np.arange(5, dtype=np.uint32))
+    assert not numpy_of(good).flags.writeable  # a view of the record's bytes
+    lying = Array(dtype="float32", shape=(5,), stype=good.stype, data=good.data)  # header says uint32
+    assert numpy_of(lying).dtype == np.uint32  # np.load trusts the header, as Flower does
+    with pytest.raises(ValueError):
+        numpy_of(Array(dtype="uint32", shape=(5,), stype=good.stype, data=good.data[:-1]))
+
+
+def test_session_state_is_written_once_and_the_input_dropped_after_masking() -> None:
+    grid = make_grid(3)
+    seen: dict[str, tuple[set[str], bool]] = {}
+    u = grid.node_ids[0]
+
+    def tamper(node: int, label: str, reply: Message) -> Message:
+        if node == u:
+            state = grid.contexts[u].state
+            seen[label] = (set(state[STATE_RECORD]), STATE_ARRAYS in state)
+        return reply
+
+    grid.tamper = tamper
+    run(grid)
+    keys, has_input = seen["advertise_keys"]
+    assert has_input and keys == {"session"} | {k for k in keys if k.startswith("setup.")}
+    assert seen["share_keys"] == (keys, True)
+    assert seen["masked_input"] == (keys, False) and seen["unmask"] == (keys, False)
 
 
 def test_messages_without_secagg_pass_through_unchanged() -> None:

@@ -68,6 +68,23 @@ def test_prg_rejects_non_power_of_two_modulus(modulus: object) -> None:
         prim.prg_uint32(bytes(16), 4, modulus=modulus)  # type: ignore[arg-type]
 
 
+def test_mask_expander_adds_subtracts_and_copies_from_a_base() -> None:
+    n, seed = 1001, bytes(range(32))
+    mask = prim.prg_uint32(seed, n)
+    base = np.arange(n, dtype=np.uint32)
+    expander = prim.MaskExpander(n)
+    out = np.empty(n, dtype=np.uint32)
+    expander.add_into(out, seed, base=base)
+    assert np.array_equal(out, base + mask)
+    expander.add_into(out, seed, subtract=True)
+    assert np.array_equal(out, base)
+    expander.add_into(out, seed, subtract=True, base=base)
+    assert np.array_equal(out, base - mask)
+    assert np.array_equal(base, np.arange(n, dtype=np.uint32))  # the base is only read
+    with pytest.raises(ConfigError, match="'base' parameter"):
+        expander.add_into(out, seed, base=base[:-1])
+
+
 def test_prg_output_bytes_are_uniform() -> None:
     out = prim.prg_uint32(bytes(range(32)), 64_000)
     counts = np.bincount(out.view(np.uint8), minlength=256)
@@ -105,6 +122,21 @@ def test_hkdf_rfc5869_vectors() -> None:
     assert okm1.hex() == ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
     okm3 = prim.hkdf_sha256(ikm, info=b"", length=42)
     assert okm3.hex() == ("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
+
+
+def test_hkdf_matches_the_cryptography_implementation_and_checks_length() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    rng = np.random.default_rng(7)
+    for length in (1, 16, 32, 33, 64, 100, 255 * 32):
+        ikm, info = rng.bytes(32), rng.bytes(int(rng.integers(0, 80)))
+        for salt in (None, b"", rng.bytes(13), rng.bytes(100)):
+            want = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+            assert prim.hkdf_sha256(ikm, info=info, length=length, salt=salt) == want
+    for bad in (0, 255 * 32 + 1, 1.5):
+        with pytest.raises(ConfigError, match="'length' parameter of hkdf_sha256"):
+            prim.hkdf_sha256(b"k" * 32, info=b"", length=bad)  # type: ignore[arg-type]
 
 
 def test_derived_keys_are_separated_by_label_and_context() -> None:

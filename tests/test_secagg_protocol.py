@@ -20,6 +20,8 @@ from consortium.secagg.messages import (
     Stage,
     UnmaskReply,
     UnmaskRequest,
+    pack_ids,
+    unpack_ids,
 )
 from consortium.secagg.protocol import ClientSession, SecureSum, ServerSession
 from consortium.secagg.quantize import SegmentSpec
@@ -371,6 +373,33 @@ def test_client_state_survives_serialisation_between_stages() -> None:
     assert np.array_equal(result.raw, h.expected_raw(h.ids))
     with pytest.raises(SecAggError, match="unreadable"):
         ClientSession.from_state({"stage": 0})
+
+
+def test_node_ids_pack_as_big_endian_uint64() -> None:
+    ids = (0, 1, 2**64 - 1, 0x0102030405060708, np.uint64(7))
+    data = pack_ids(ids)
+    assert data == np.asarray([int(i) for i in ids], dtype=">u8").tobytes()
+    assert unpack_ids(data, stage=Stage.UNMASK, key="k") == (0, 1, 2**64 - 1, 0x0102030405060708, 7)
+    assert pack_ids(()) == b""
+    for bad in ([-1], [2**64]):
+        with pytest.raises(OverflowError):
+            pack_ids(bad)
+    with pytest.raises(SecAggError, match="multiple of 8"):
+        unpack_ids(b"1234567", stage=Stage.UNMASK, key="k")
+
+
+def test_client_state_is_the_setup_plus_one_blob_and_rejects_corruption() -> None:
+    h = Harness(n=4)
+    h.server.receive({u: h.answer(u, Stage.ADVERTISE_KEYS, r) for u, r in h.server.requests().items()})
+    u = h.ids[0]
+    state = h.clients[u].to_state()
+    assert set(state) == {"encoded", "session"} | {k for k in state if k.startswith("setup.")}
+    again = ClientSession.from_state(state).to_state()
+    assert again["session"] == state["session"] and np.array_equal(again["encoded"], state["encoded"])
+    blob = state["session"]
+    for bad in (blob[:-1], blob + b"x", b"\x01" + blob[1:], blob[:40], b"", "text"):
+        with pytest.raises(SecAggError, match="unreadable"):
+            ClientSession.from_state({**state, "session": bad})
 
 
 # --------------------------------------------------------------------------- misbehaving clients

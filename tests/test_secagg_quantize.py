@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from consortium.errors import ConfigError, DataError
+from consortium.secagg import quantize
 from consortium.secagg.config import SecAggConfig
 from consortium.secagg.contribution import ContributionSpec, build_contribution, clip_by_l2
-from consortium.secagg.graph import build_graph, check_threshold, default_neighbours, default_threshold
+from consortium.secagg.graph import (
+    build_graph,
+    check_threshold,
+    default_neighbours,
+    default_threshold,
+    neighbours_of,
+)
 from consortium.secagg.quantize import QuantizationPlan, SegmentSpec
 
 # --------------------------------------------------------------------------- quantisation
@@ -73,6 +81,41 @@ def test_stochastic_rounding_is_unbiased() -> None:
     ints = enc.astype(np.int64)
     assert set(np.unique(ints)) == {0, 1}
     assert abs(ints.mean() - 0.3) < 0.005
+
+
+def test_encoding_in_place_gives_the_same_vector_and_never_exceeds_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = QuantizationPlan.create([SegmentSpec("u", 1000, 1.0), SegmentSpec("w", 1, 1.0)], n_participants=3)
+    v = np.random.default_rng(3).uniform(-1, 1, 1000)
+    v[:2] = (1.0, -1.0)
+    kept = plan.encode({"u": v, "w": [0.5]}, rng=np.random.default_rng(9)).values
+    scratch = v.copy()
+    reused = plan.encode({"u": scratch, "w": [0.5]}, rng=np.random.default_rng(9), overwrite=True).values
+    assert np.array_equal(kept, reused)
+    assert not np.array_equal(scratch, v)  # it was used as scratch space
+    # With one participant M = 2**31 - 1, where float64 has 21 fractional bits: M + (1 - 2**-23)
+    # rounds up to M + 1, which must be clamped back to M (it would wrap the sum).
+    one = QuantizationPlan.create([SegmentSpec("u", 4, 1.0)], n_participants=1)
+    m = one.segment("u").max_int
+    monkeypatch.setattr(quantize, "uniform_words", lambda rng, n: np.full(n, 0xFFFFFFFF, dtype=np.uint32))
+    top = one.encode({"u": [1.0, 1.0, 0.0, 0.5]}, rng=np.random.default_rng(0)).values
+    assert one.decode_integers(top)["u"].tolist() == [m, m, 0, (m + 1) // 2]
+    noisy = one.encode({"u": [1.0] * 4}, rng=np.random.default_rng(0), noise_fn=lambda *a: None).values
+    assert one.decode_integers(noisy)["u"].tolist() == [m] * 4
+    # bound * scale can exceed M by an ulp (bound 4.7, 3 participants): with U = 0 the floor
+    # would give -M - 1.
+    three = QuantizationPlan.create([SegmentSpec("u", 2, 4.7)], n_participants=3)
+    seg = three.segment("u")
+    assert 4.7 * seg.scale > seg.max_int
+    monkeypatch.setattr(quantize, "uniform_words", lambda rng, n: np.zeros(n, dtype=np.uint32))
+    low = three.encode({"u": [-4.7, 4.7]}, rng=np.random.default_rng(0)).values
+    assert three.decode_integers(low)["u"].tolist() == [-seg.max_int, seg.max_int]
+
+
+def test_uniform_words_are_uniform_32_bit_words() -> None:
+    words = quantize.uniform_words(np.random.default_rng(4), 100_001)
+    assert words.dtype == np.uint32 and words.shape == (100_001,) and words.flags.writeable
+    counts = np.bincount(words >> 28, minlength=16)
+    assert stats.chisquare(counts).pvalue > 1e-4
 
 
 def test_encode_reports_bad_values_clearly() -> None:
@@ -145,6 +188,18 @@ def test_graph_is_symmetric_regular_and_seed_determined(n: int, k: int, expected
     assert sorted(g.x_of(u) for u in ids) == list(range(1, n + 1))
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 9, 30, 31, 50])
+def test_a_nodes_own_row_matches_the_full_graph(n: int) -> None:
+    ids = sorted({int(i) for i in np.random.default_rng(n).integers(0, 2**63, size=n, dtype=np.int64)})
+    assert len(ids) == n
+    for k in range(1, n + 1):
+        g = build_graph(ids, k=k, seed=b"row-seed-0123456")
+        for u in ids:
+            assert neighbours_of(ids, k=k, seed=b"row-seed-0123456", node=u) == (g.k, g.of(u))
+    with pytest.raises(ConfigError, match="'node' parameter"):
+        neighbours_of(ids, k=1, seed=b"row-seed-0123456", node=-5)
+
+
 def test_graph_and_threshold_validation() -> None:
     with pytest.raises(ConfigError, match="node_ids"):
         build_graph([1, 1], k=1, seed=b"s" * 16)
@@ -192,6 +247,14 @@ def test_contribution_rejects_mismatched_or_broken_updates() -> None:
         build_contribution([np.zeros(3)], num_examples=-1, metrics={"train-loss": 0.0}, spec=spec)
     with pytest.raises(DataError, match="'train-loss' is declared"):
         build_contribution([np.zeros(3)], num_examples=1, metrics={}, spec=spec)
+
+
+def test_contribution_of_a_norm_overflowing_delta_is_clipped_to_zero() -> None:
+    spec = ContributionSpec.create(SecAggConfig(clip_norm=1.0), [np.zeros(2, np.float32)])
+    c = build_contribution([np.array([1e200, -1e200])], num_examples=1, metrics={}, spec=spec)
+    assert c.clipped and c.values["update"].tolist() == [0.0, 0.0]
+    with pytest.raises(DataError, match="NaN or inf"):
+        build_contribution([np.array([np.nan, 0.0], np.float32)], num_examples=1, metrics={}, spec=spec)
 
 
 def test_secagg_config_validation() -> None:

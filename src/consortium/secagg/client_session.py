@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from consortium.secagg.derivation import (
     PAIRWISE_MASK,
     SHARE_ENCRYPTION,
     bundle_associated_data,
-    graph_for,
+    neighbours_for,
     pair_keys,
     plan_for,
     seed_commitment,
@@ -89,7 +90,11 @@ class ClientSession:
 
     def __init__(self, state: _ClientState) -> None:
         self._s = state
-        self._x = {v: i + 1 for i, v in enumerate(sorted(state.setup.node_ids))}
+
+    @property
+    def _x(self) -> dict[int, int]:
+        """Shamir evaluation point of every node: its 1-based rank among all node ids."""
+        return {v: i + 1 for i, v in enumerate(sorted(self._s.setup.node_ids))}
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -126,7 +131,7 @@ class ClientSession:
             )
         if plan.modulus_bits < 32 and arr.size and int(arr.max()) >= plan.modulus:
             raise SecAggError(f"The encoded input has values >= 2**{plan.modulus_bits}.", stage=st.label)
-        graph = graph_for(setup, st)
+        graph_neighbours = neighbours_for(setup, st, int(node_id))
         state = _ClientState(
             node_id=int(node_id),
             institution=str(institution),
@@ -135,7 +140,7 @@ class ClientSession:
             mask_keys=prim.generate_keypair(),
             share_keys=prim.generate_keypair(),
             seed=os.urandom(prim.KEY_BYTES),
-            graph_neighbours=graph.of(int(node_id)),
+            graph_neighbours=graph_neighbours,
         )
         return cls(state)
 
@@ -217,8 +222,9 @@ class ClientSession:
                 s.share_keys.public,
             ):
                 raise SecAggError(f"Neighbour {v} advertised this node's own public key.", stage=st.label)
-        xs = [self._x[v] for v in ids]
-        own_x = self._x[s.node_id]
+        x_of = self._x
+        xs = [x_of[v] for v in ids]
+        own_x = x_of[s.node_id]
         seed_shares = prim.shamir_split(s.seed, threshold=t, xs=[*xs, own_x])
         key_shares = prim.shamir_split(s.mask_keys.private, threshold=t, xs=[*xs, own_x])
         ciphertexts = []
@@ -331,9 +337,10 @@ class ClientSession:
             seeds = pair_keys(s.mask_keys.private, peers, label=PAIRWISE_MASK, round_id=rid, me=u)
         except CryptoError as exc:
             raise SecAggError(f"A neighbour's mask key is unusable: {exc}", stage=Stage.MASKED_INPUT.label) from exc
-        y = s.encoded.astype(np.uint32, copy=True)
+        y = np.empty(n, dtype=np.uint32)
         expander = prim.MaskExpander(n)
-        expander.add_into(y, self_mask_seed(s.seed, round_id=rid, u=u))
+        # y = x + PRG(b_u): the self mask is added while copying the (possibly read-only) input.
+        expander.add_into(y, self_mask_seed(s.seed, round_id=rid, u=u), base=s.encoded)
         for v, pseed in zip(alive, seeds, strict=True):
             expander.add_into(y, pseed, subtract=v > u)
         if modulus < 2**32:
@@ -396,37 +403,42 @@ class ClientSession:
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> dict[str, Any]:
-        """The whole session as a record (bytes, ints, str, and the uint32 input).
+        """The whole session as a record: the setup fields, one ``"session"`` blob and the uint32 input.
 
-        The encoded input (key ``"encoded"``) is present only until the masked
-        input has been sent; afterwards the session forgets it.
+        The setup travels as its own record fields (``setup.*``, written once);
+        everything else is packed into the ``"session"`` bytes value (a version
+        byte, the field lengths as big-endian uint32, then the fields in
+        :data:`_SESSION_FIELDS` order), so persisting a stage rewrites one value
+        instead of re-validating ~20. The encoded input (key ``"encoded"``) is
+        present only until the masked input has been sent; afterwards the
+        session forgets it.
         """
         s = self._s
         extra: dict[str, Any] = {} if s.encoded is None else {"encoded": s.encoded}
-        return {
-            **extra,
-            **{f"setup.{k}": v for k, v in s.setup.to_record().items()},
-            "node-id": pack_ids((s.node_id,)),
-            "institution": s.institution,
-            "mask-private": s.mask_keys.private,
-            "mask-public": s.mask_keys.public,
-            "share-private": s.share_keys.private,
-            "share-public": s.share_keys.public,
-            "seed": s.seed,
-            "stage": -1 if s.stage is None else int(s.stage),
-            "graph-neighbours": pack_ids(s.graph_neighbours),
-            "neighbour-ids": pack_ids(s.neighbour_ids),
-            "neighbour-mask-publics": b"".join(s.neighbour_mask_publics),
-            "bundle-keys": b"".join(s.bundle_keys),
-            "own-seed-share": s.own_seed_share,
-            "own-key-share": s.own_key_share,
-            "senders": pack_ids(s.senders),
-            "sender-seed-shares": b"".join(s.sender_seed_shares),
-            "sender-key-shares": b"".join(s.sender_key_shares),
-            "survivors": pack_ids(s.survivors),
-            "revealed-seed": pack_ids(s.revealed_seed),
-            "revealed-key": pack_ids(s.revealed_key),
-        }
+        parts = (
+            pack_ids((s.node_id,)),
+            s.institution.encode(),
+            s.mask_keys.private,
+            s.mask_keys.public,
+            s.share_keys.private,
+            s.share_keys.public,
+            s.seed,
+            b"" if s.stage is None else bytes((int(s.stage),)),
+            pack_ids(s.graph_neighbours),
+            pack_ids(s.neighbour_ids),
+            b"".join(s.neighbour_mask_publics),
+            b"".join(s.bundle_keys),
+            s.own_seed_share,
+            s.own_key_share,
+            pack_ids(s.senders),
+            b"".join(s.sender_seed_shares),
+            b"".join(s.sender_key_shares),
+            pack_ids(s.survivors),
+            pack_ids(s.revealed_seed),
+            pack_ids(s.revealed_key),
+        )
+        blob = b"".join([_STATE_VERSION, _LENGTHS.pack(*map(len, parts)), *parts])
+        return {**extra, **{f"setup.{k}": v for k, v in s.setup.to_record().items()}, "session": blob}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> ClientSession:
@@ -436,30 +448,33 @@ class ClientSession:
             setup = SetupRequest.from_record(
                 {k[len("setup.") :]: v for k, v in state.items() if k.startswith("setup.")}
             )
+            f = dict(zip(_SESSION_FIELDS, _unpack_parts(state["session"]), strict=True))
 
             def ids(key: str) -> tuple[int, ...]:
-                return unpack_ids(state[key], stage=st, key=key)
+                return unpack_ids(f[key], stage=st, key=key)
 
             def chunks(key: str, size: int) -> tuple[bytes, ...]:
-                data = bytes(state[key])
+                data = f[key]
+                if len(data) % size:
+                    raise ValueError(f"'{key}' is not a multiple of {size} bytes")
                 return tuple(data[i : i + size] for i in range(0, len(data), size))
 
-            stage_int = int(state["stage"])
+            encoded = state.get("encoded")
             s = _ClientState(
                 node_id=ids("node-id")[0],
-                institution=str(state["institution"]),
+                institution=f["institution"].decode(),
                 setup=setup,
-                encoded=None if state.get("encoded") is None else np.asarray(state["encoded"]),
-                mask_keys=prim.KeyPair(private=bytes(state["mask-private"]), public=bytes(state["mask-public"])),
-                share_keys=prim.KeyPair(private=bytes(state["share-private"]), public=bytes(state["share-public"])),
-                seed=bytes(state["seed"]),
-                stage=None if stage_int < 0 else Stage(stage_int),
+                encoded=None if encoded is None else np.asarray(encoded),
+                mask_keys=prim.KeyPair(private=f["mask-private"], public=f["mask-public"]),
+                share_keys=prim.KeyPair(private=f["share-private"], public=f["share-public"]),
+                seed=f["seed"],
+                stage=Stage(f["stage"][0]) if f["stage"] else None,
                 graph_neighbours=ids("graph-neighbours"),
                 neighbour_ids=ids("neighbour-ids"),
                 neighbour_mask_publics=chunks("neighbour-mask-publics", prim.KEY_BYTES),
                 bundle_keys=chunks("bundle-keys", prim.KEY_BYTES),
-                own_seed_share=bytes(state["own-seed-share"]),
-                own_key_share=bytes(state["own-key-share"]),
+                own_seed_share=f["own-seed-share"],
+                own_key_share=f["own-key-share"],
                 senders=ids("senders"),
                 sender_seed_shares=chunks("sender-seed-shares", prim.SHARE_BYTES),
                 sender_key_shares=chunks("sender-key-shares", prim.SHARE_BYTES),
@@ -467,9 +482,48 @@ class ClientSession:
                 revealed_seed=ids("revealed-seed"),
                 revealed_key=ids("revealed-key"),
             )
-        except (KeyError, TypeError, ValueError, IndexError, SecAggError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, UnicodeDecodeError, SecAggError) as exc:
             raise SecAggError(
                 f"The stored secure-aggregation state is unreadable ({exc!r}); the node must rejoin in the next round.",
                 stage="state",
             ) from exc
         return cls(s)
+
+
+_STATE_VERSION = b"\x02"
+_SESSION_FIELDS = (
+    "node-id",
+    "institution",
+    "mask-private",
+    "mask-public",
+    "share-private",
+    "share-public",
+    "seed",
+    "stage",
+    "graph-neighbours",
+    "neighbour-ids",
+    "neighbour-mask-publics",
+    "bundle-keys",
+    "own-seed-share",
+    "own-key-share",
+    "senders",
+    "sender-seed-shares",
+    "sender-key-shares",
+    "survivors",
+    "revealed-seed",
+    "revealed-key",
+)
+"""Order of the fields in the ``"session"`` blob of :meth:`ClientSession.to_state`."""
+_LENGTHS = struct.Struct(f">{len(_SESSION_FIELDS)}I")
+
+
+def _unpack_parts(blob: object) -> list[bytes]:
+    if not isinstance(blob, bytes) or blob[:1] != _STATE_VERSION or len(blob) < 1 + _LENGTHS.size:
+        raise ValueError("the session blob is missing or of another version")
+    parts, pos = [], 1 + _LENGTHS.size
+    for n in _LENGTHS.unpack_from(blob, 1):
+        parts.append(blob[pos : pos + n])
+        pos += n
+    if pos != len(blob):
+        raise ValueError("the session blob has the wrong length")
+    return parts

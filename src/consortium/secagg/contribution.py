@@ -155,9 +155,13 @@ class Contribution:
     clipped_coordinates: int = 0
 
 
+def _l2_norm(flat: np.ndarray) -> float:
+    return math.sqrt(float(np.einsum("i,i->", flat, flat)))  # no BLAS threads
+
+
 def clip_by_l2(flat: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
     """Scale ``flat`` down to L2 norm ``clip_norm`` if it is longer; return it and its old norm."""
-    norm = math.sqrt(float(np.einsum("i,i->", flat, flat)))  # no BLAS threads
+    norm = _l2_norm(flat)
     if norm > clip_norm:
         return flat * (clip_norm / norm), norm
     return flat, norm
@@ -172,35 +176,48 @@ def build_contribution(
 ) -> Contribution:
     """Clip, weight and lay out an institution's update, weight and metrics.
 
+    The update costs four passes over ``d`` values: the float64 concatenation,
+    the norm (which also detects NaN/inf: they make it non-finite), the
+    coordinate bound check (only with a ``coordinate_bound``), and one scaling
+    by ``w`` times the L2 clipping factor.
+
     Raises
     ------
     DataError
         If the delta does not match the model's tensor sizes, holds NaN/inf,
         the example count is negative or not finite, or a declared metric is missing.
     """
-    sizes = tuple(int(np.asarray(a).size) for a in delta)
+    arrays = [np.asarray(a) for a in delta]
+    sizes = tuple(int(a.size) for a in arrays)
     if sizes != spec.tensor_sizes:
         raise DataError(
             f"The model delta has tensor sizes {list(sizes)}, but the round expects "
             f"{list(spec.tensor_sizes)} (same model as the coordinator's)."
         )
-    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in delta])
-    if not np.all(np.isfinite(flat)):
+    flat = np.concatenate([a.reshape(-1) for a in arrays], dtype=np.float64)
+    norm = _l2_norm(flat)
+    if not math.isfinite(norm) and not np.all(np.isfinite(flat)):  # finite values can still overflow the norm
         raise DataError("The model delta contains NaN or inf values; local training diverged.")
     n = float(num_examples)
     if not np.isfinite(n) or n < 0:
         raise DataError(f"The example count must be a finite number >= 0. Got {num_examples!r} instead.")
-    clipped_flat, norm = clip_by_l2(flat, spec.clip_norm)
+    factor = spec.clip_norm / norm if norm > spec.clip_norm else 1.0
     if norm > spec.clip_norm:
         logger.info("Model delta clipped from L2 norm %.4g to %.4g.", norm, spec.clip_norm)
-    n_coord = 0
-    if spec.coordinate_bound < spec.clip_norm and max(clipped_flat.max(), -clipped_flat.min()) > spec.coordinate_bound:
-        n_coord = int(np.count_nonzero(np.abs(clipped_flat) > spec.coordinate_bound))
-        if n_coord:
-            logger.info("%d coordinate(s) of the delta clipped to +-%.4g.", n_coord, spec.coordinate_bound)
-            clipped_flat = np.clip(clipped_flat, -spec.coordinate_bound, spec.coordinate_bound)
     w = min(n, spec.weight_cap) / spec.weight_cap
-    values = {UPDATE_SEGMENT: w * clipped_flat, WEIGHT_SEGMENT: np.array([w])}
+    n_coord = 0
+    update = None
+    if spec.coordinate_bound < spec.clip_norm and flat.size:
+        peak = factor * max(float(flat.max()), -float(flat.min()))
+        if peak > spec.coordinate_bound:
+            clipped_flat = flat * factor if factor != 1.0 else flat
+            n_coord = int(np.count_nonzero(np.abs(clipped_flat) > spec.coordinate_bound))
+            if n_coord:
+                logger.info("%d coordinate(s) of the delta clipped to +-%.4g.", n_coord, spec.coordinate_bound)
+                update = w * np.clip(clipped_flat, -spec.coordinate_bound, spec.coordinate_bound)
+    if update is None:
+        update = np.multiply(flat, w * factor, out=flat)  # one pass, in place: weight and L2 clipping together
+    values = {UPDATE_SEGMENT: update, WEIGHT_SEGMENT: np.array([w])}
     clipped_metrics = []
     for name, bound in spec.metric_bounds:
         if name not in metrics:

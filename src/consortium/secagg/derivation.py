@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from consortium.errors import ConfigError
 from consortium.secagg import primitives as prim
 from consortium.secagg.errors import SecAggError
-from consortium.secagg.graph import NeighbourGraph, build_graph, check_threshold
+from consortium.secagg.graph import NeighbourGraph, build_graph, check_threshold, neighbours_of
 from consortium.secagg.messages import SetupRequest, Stage, pack_ids
 from consortium.secagg.quantize import QuantizationPlan
 
@@ -77,3 +77,13 @@ def graph_for(setup: SetupRequest, stage: Stage) -> NeighbourGraph:
     except ConfigError as exc:
         raise SecAggError(f"Invalid round parameters: {exc}", stage=stage.label) from exc
     return graph
+
+
+def neighbours_for(setup: SetupRequest, stage: Stage, node: int) -> tuple[int, ...]:
+    """``graph_for(setup, stage).of(node)``, computing only that node's row of the graph."""
+    try:
+        k, nbrs = neighbours_of(setup.node_ids, k=setup.neighbours, seed=setup.graph_seed, node=node)
+        check_threshold(setup.threshold, holders=k + 1)
+    except ConfigError as exc:
+        raise SecAggError(f"Invalid round parameters: {exc}", stage=stage.label) from exc
+    return nbrs

@@ -74,6 +74,29 @@ class NeighbourGraph:
         return self.node_ids.index(node) + 1
 
 
+def _validated(node_ids: Sequence[int], k: int, seed: bytes, owner: str) -> list[int]:
+    ids = sorted(int(i) for i in node_ids)
+    if len(ids) < 2 or len(set(ids)) != len(ids):
+        raise param_error("node_ids", owner, "at least 2 distinct ids", list(node_ids))
+    if ids[0] < 0 or ids[-1] > MAX_NODE_ID:
+        raise param_error("node_ids", owner, "ids in [0, 2**64)", (ids[0], ids[-1]))
+    if not isinstance(k, int) or k < 1:
+        raise param_error("k", owner, "an int >= 1", k)
+    if not isinstance(seed, bytes) or len(seed) < 16:
+        raise param_error("seed", owner, "at least 16 bytes", seed)
+    return ids
+
+
+def _effective_k(n: int, k: int) -> int:
+    if k >= n - 1:
+        return n - 1
+    return k + 1 if k % 2 == 1 and n % 2 == 1 else k
+
+
+def _ring(ids: Sequence[int], seed: bytes) -> list[int]:
+    return sorted(ids, key=lambda u: hashlib.sha256(seed + u.to_bytes(8, "big")).digest())
+
+
 def build_graph(node_ids: Sequence[int], *, k: int, seed: bytes) -> NeighbourGraph:
     """Harary graph ``H(k, n)`` on a ring ordered by ``SHA-256(seed || node_id)``.
 
@@ -91,23 +114,13 @@ def build_graph(node_ids: Sequence[int], *, k: int, seed: bytes) -> NeighbourGra
     seed : bytes
         Public per-round seed chosen by the coordinator (>= 16 bytes).
     """
-    owner = "build_graph"
-    ids = sorted(int(i) for i in node_ids)
-    if len(ids) < 2 or len(set(ids)) != len(ids):
-        raise param_error("node_ids", owner, "at least 2 distinct ids", list(node_ids))
-    if ids[0] < 0 or ids[-1] > MAX_NODE_ID:
-        raise param_error("node_ids", owner, "ids in [0, 2**64)", (ids[0], ids[-1]))
-    if not isinstance(k, int) or k < 1:
-        raise param_error("k", owner, "an int >= 1", k)
-    if not isinstance(seed, bytes) or len(seed) < 16:
-        raise param_error("seed", owner, "at least 16 bytes", seed)
+    ids = _validated(node_ids, k, seed, "build_graph")
     n = len(ids)
-    if k >= n - 1:
+    k = _effective_k(n, k)
+    if k == n - 1:
         nbrs = {u: tuple(v for v in ids if v != u) for u in ids}
-        return NeighbourGraph(node_ids=tuple(ids), k=n - 1, neighbours=nbrs)
-    if k % 2 == 1 and n % 2 == 1:
-        k += 1
-    ring = sorted(ids, key=lambda u: hashlib.sha256(seed + u.to_bytes(8, "big")).digest())
+        return NeighbourGraph(node_ids=tuple(ids), k=k, neighbours=nbrs)
+    ring = _ring(ids, seed)
     adj: dict[int, set[int]] = {u: set() for u in ids}
     for pos, u in enumerate(ring):
         for step in range(1, k // 2 + 1):
@@ -119,6 +132,29 @@ def build_graph(node_ids: Sequence[int], *, k: int, seed: bytes) -> NeighbourGra
             adj[u].add(v)
             adj[v].add(u)
     return NeighbourGraph(node_ids=tuple(ids), k=k, neighbours={u: tuple(sorted(adj[u])) for u in ids})
+
+
+def neighbours_of(node_ids: Sequence[int], *, k: int, seed: bytes, node: int) -> tuple[int, tuple[int, ...]]:
+    """``(effective k, build_graph(node_ids, k=k, seed=seed).of(node))`` without building the whole graph.
+
+    A participant only needs its own row of the public graph: the ``k // 2``
+    ring positions on either side of it (and the opposite one for odd ``k``),
+    which costs ``O(n)`` hashes instead of ``O(n k)`` set operations.
+    """
+    ids = _validated(node_ids, k, seed, "neighbours_of")
+    n = len(ids)
+    k = _effective_k(n, k)
+    if node not in ids:
+        raise param_error("node", "neighbours_of", "one of the node ids", node)
+    if k == n - 1:
+        return k, tuple(v for v in ids if v != node)
+    ring = _ring(ids, seed)
+    pos = ring.index(node)
+    nbrs = {ring[(pos + step) % n] for step in range(1, k // 2 + 1)}
+    nbrs |= {ring[(pos - step) % n] for step in range(1, k // 2 + 1)}
+    if k % 2 == 1:  # then n is even and the opposite node is joined from both sides
+        nbrs.add(ring[(pos + n // 2) % n])
+    return k, tuple(sorted(nbrs))
 
 
 def check_threshold(threshold: int, *, holders: int) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
@@ -48,8 +48,9 @@ def default_label(msg: Message) -> str:
     """Stage label of a consortium or Flower SecAgg+ message, else the message type."""
     if msg.has_content():
         for key in ("secagg", "secaggplus_configs"):
-            if key in msg.content.config_records:
-                stage = msg.content.config_records[key].get("stage")
+            record = msg.content.get(key)  # not `content.config_records`: it rebuilds a view per access
+            if isinstance(record, ConfigRecord):
+                stage = record.get("stage")
                 if isinstance(stage, str):
                     return stage
     return msg.metadata.message_type

@@ -15,6 +15,7 @@ value (Flower node ids use the full unsigned 64-bit range).
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -55,9 +56,10 @@ class Stage(enum.IntEnum):
 
 def pack_ids(ids: Sequence[int]) -> bytes:
     """Node ids as concatenated 8-byte big-endian unsigned integers."""
-    if len(ids) == 0:
-        return b""
-    return np.asarray([int(i) for i in ids], dtype=">u8").tobytes()
+    try:
+        return struct.pack(f">{len(ids)}Q", *ids)
+    except struct.error as exc:  # a negative id, one >= 2**64, or not an integer
+        raise OverflowError(f"Node ids must be integers in [0, 2**64): {exc}") from exc
 
 
 def unpack_ids(data: object, *, stage: Stage, key: str) -> tuple[int, ...]:
@@ -68,7 +70,7 @@ def unpack_ids(data: object, *, stage: Stage, key: str) -> tuple[int, ...]:
             f"Got {_describe(data)} instead.",
             stage=stage.label,
         )
-    return tuple(np.frombuffer(data, dtype=">u8").tolist())
+    return struct.unpack(f">{len(data) // 8}Q", data)
 
 
 T = TypeVar("T")

@@ -196,6 +196,7 @@ class QuantizationPlan:
         *,
         rng: np.random.Generator,
         noise_fn: NoiseFn | None = None,
+        overwrite: bool = False,
     ) -> EncodedVector:
         """Encode one participant's segments (stochastic rounding, optional noise).
 
@@ -207,6 +208,9 @@ class QuantizationPlan:
             Source of rounding randomness (and of the noise hook's randomness).
         noise_fn : NoiseFn, optional
             Privacy hook adding integer noise per segment before masking.
+        overwrite : bool
+            The caller gives up ``values``: writable float64 arrays are used as
+            scratch space (saves one ``d``-sized temporary).
 
         Raises
         ------
@@ -222,30 +226,35 @@ class QuantizationPlan:
                 f"missing {missing}, unexpected {extra}."
             )
         out = np.empty(self.length, dtype=np.uint32)
+        out_signed = out.view(np.int32)  # |q| <= M < 2**31: int32 holds every encoded integer
         clipped = 0
         for seg in self.segments:
             v = np.asarray(values[seg.name], dtype=np.float64).reshape(-1)
             if v.shape[0] != seg.length:
                 raise DataError(f"Segment '{seg.name}' must have {seg.length} values. Got {v.shape[0]} instead.")
-            _check_bound(seg, v)
-            q = _stochastic_round(v, seg, rng)
-            if noise_fn is not None:
-                noise = noise_fn(seg.name, (seg.length,), seg.scale, rng)
-                if noise is not None:
-                    q = _add_noise(seg, q, noise)
-                    over = np.abs(q) > seg.max_int
-                    n_over = int(np.count_nonzero(over))
-                    if n_over:
-                        clipped += n_over
-                        np.clip(q, -seg.max_int, seg.max_int, out=q)
-                        logger.warning(
-                            "Noise pushed %d coordinate(s) of segment '%s' beyond the "
-                            "encodable range; they were clipped (raise its headroom).",
-                            n_over,
-                            seg.name,
-                        )
-            # int64 -> uint32 wraps modulo 2**32 (two's complement), i.e. q mod 2**32.
-            out[seg.offset : seg.offset + seg.length] = q.astype(np.uint32)
+            inside = _check_bound(seg, v)
+            scratch = v if overwrite and v.flags.writeable else None
+            rounded = _stochastic_round(v, seg, rng, clip=not inside, out=scratch)  # float64 integers in [-M, M]
+            target = out_signed[seg.offset : seg.offset + seg.length]
+            if noise_fn is None:
+                target[...] = rounded  # float -> int32, exact; viewed as uint32 this is q mod 2**32
+                continue
+            q = rounded.astype(np.int64)
+            noise = noise_fn(seg.name, (seg.length,), seg.scale, rng)
+            if noise is not None:
+                q = _add_noise(seg, q, noise)
+                over = np.abs(q) > seg.max_int
+                n_over = int(np.count_nonzero(over))
+                if n_over:
+                    clipped += n_over
+                    np.clip(q, -seg.max_int, seg.max_int, out=q)
+                    logger.warning(
+                        "Noise pushed %d coordinate(s) of segment '%s' beyond the "
+                        "encodable range; they were clipped (raise its headroom).",
+                        n_over,
+                        seg.name,
+                    )
+            target[...] = q  # in [-M, M] after clipping: fits int32
         if self.modulus_bits < MAX_MODULUS_BITS:
             np.bitwise_and(out, np.uint32(self.modulus - 1), out=out)
         return EncodedVector(values=out, noise_clipped=clipped)
@@ -275,10 +284,16 @@ class QuantizationPlan:
         return arr
 
 
-def _check_bound(seg: SegmentPlan, v: np.ndarray) -> None:
+def _check_bound(seg: SegmentPlan, v: np.ndarray) -> bool:
+    """Raise DataError unless ``|v| <= bound`` (up to float slack); return whether ``|v| <= bound`` exactly."""
+    if v.size == 0:
+        return True
+    hi, lo = float(v.max()), float(v.min())
+    if max(hi, -lo) <= seg.bound:  # NaN fails this test too
+        return True
     limit = seg.bound * (1.0 + BOUND_TOLERANCE)
-    if v.size == 0 or max(float(v.max()), -float(v.min())) <= limit:  # NaN fails this test too
-        return
+    if max(hi, -lo) <= limit:
+        return False  # within the float slack: clipped onto the bound while rounding
     if not np.all(np.isfinite(v)):
         bad = int(np.flatnonzero(~np.isfinite(v))[0])
         raise DataError(f"Segment '{seg.name}' has a non-finite value at index {bad}: {float(v[bad])!r}.")
@@ -291,20 +306,44 @@ def _check_bound(seg: SegmentPlan, v: np.ndarray) -> None:
     )
 
 
-def _stochastic_round(v: np.ndarray, seg: SegmentPlan, rng: np.random.Generator) -> np.ndarray:
-    """Unbiased stochastic rounding of ``v * scale`` into ``[-M, M]``.
+def uniform_words(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` uniform ``uint32`` words (a fresh, writable array): raw bit-generator output, two words per draw.
+
+    About twice as fast as ``rng.random(n, dtype=np.float32)``.
+    """
+    return rng.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+
+
+def _stochastic_round(
+    v: np.ndarray, seg: SegmentPlan, rng: np.random.Generator, *, clip: bool = True, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Unbiased stochastic rounding of ``v * scale``, as a float64 array of integers in ``[-M, M]``.
 
     ``floor(x + U)`` with ``U ~ Uniform[0, 1)`` equals ``floor(x) + 1`` with
-    probability ``frac(x)`` and ``floor(x)`` otherwise, so ``E[q] = x``. The
-    uniforms are float32 (24-bit), which biases the rounding by less than
-    ``2**-24`` of one integer step.
+    probability ``frac(x)`` and ``floor(x)`` otherwise, so ``E[q] = x``. ``U`` is
+    built in place from 23 random bits of the raw generator output (the mantissa
+    of a float32 in ``[1, 2)``, minus one: no float64 temporary, half the RNG
+    cost of ``rng.random``). Its 2**-23 grid and the float64 rounding of ``x + U``
+    (``|x| < 2**31``) bias the rounding by at most ~2**-22 of one integer step.
+    The result is clamped to ``[-M, M]``: float rounding can otherwise give
+    ``M + 1`` (``x`` within half an ulp of ``M``) or ``-M - 1`` (``bound * scale``
+    can exceed ``M`` by an ulp, and ``U = 0``), which could wrap the sum and, for
+    one participant, overflow int32. ``clip`` is only needed when ``v`` may
+    exceed the bound by float slack; ``out`` (float64, may be ``v``) receives the result.
     """
-    scaled = v * seg.scale
-    limit = seg.bound * seg.scale
-    np.clip(scaled, -limit, limit, out=scaled)
-    scaled += rng.random(seg.length, dtype=np.float32)
+    scaled = np.multiply(v, seg.scale, out=out)
+    if clip:
+        limit = seg.bound * seg.scale
+        np.clip(scaled, -limit, limit, out=scaled)
+    words = uniform_words(rng, seg.length)
+    words >>= 9
+    words |= 0x3F800000  # float32 bit pattern of 1 + 23 random mantissa bits
+    uniform = words.view(np.float32)
+    uniform -= 1.0  # exact: uniform on the grid k * 2**-23 in [0, 1)
+    scaled += uniform
     np.floor(scaled, out=scaled)
-    return scaled.astype(np.int64)
+    np.clip(scaled, -seg.max_int, seg.max_int, out=scaled)
+    return scaled
 
 
 def _add_noise(seg: SegmentPlan, q: np.ndarray, noise: npt.ArrayLike) -> np.ndarray:
