@@ -87,7 +87,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="*", default=None)
     p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--mu-grid", type=float, nargs="+", default=[0.01, 0.1],
+    p.add_argument("--mu-grid", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                    help="FedProx mu values; the one with the best federated validation AUPRC is kept.")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
