@@ -59,10 +59,12 @@ def make_split(name: str, *, seed: int, quick: bool) -> FederatedSplit:
     return federate(ds, 5, scheme="dirichlet", alpha=0.5, seed=seed)
 
 
-def config_for(name: str, *, seed: int, quick: bool, store_url: str, mu: float) -> FederationConfig:
+def config_for(
+    name: str, *, seed: int, quick: bool, store_url: str, mu: float, rounds: int | None = None
+) -> FederationConfig:
     """Library defaults (FedProx, 2 local epochs, Adam lr 3e-3, batch 128), secure aggregation on."""
     return FederationConfig(
-        num_rounds=4 if quick else 30,
+        num_rounds=rounds or (4 if quick else 30),
         strategy="fedprox",
         proximal_mu=mu,
         min_nodes=5,
@@ -87,6 +89,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="*", default=None)
     p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="Federated rounds (default 30; --quick: 4).")
     p.add_argument("--mu-grid", type=float, nargs="+", default=None,
                    help="FedProx mu values; the one with the best federated validation AUPRC is kept "
                         "(default 0.01 0.1 1.0; --quick: 0.01 0.1).")
@@ -111,7 +114,8 @@ def main() -> None:
                 # the baselines train once (mu does not apply to them).
                 candidates = []
                 for i, mu in enumerate(args.mu_grid):
-                    cfg = config_for(name, seed=seed, quick=args.quick, store_url=store_url, mu=mu)
+                    cfg = config_for(name, seed=seed, quick=args.quick, store_url=store_url, mu=mu,
+                                     rounds=args.rounds)
                     res = run_experiment(split, cfg, work_dir=Path(tmp) / f"{name}-{seed}-{mu}", dataset_name=name,
                                          baselines=i == 0)
                     candidates.append((mu, res))
@@ -141,7 +145,8 @@ def main() -> None:
                                  "target_met": bool(fed >= 0.95 * cen and fed > loc)}
             summary[name] = {"federated_auprc": fed, "centralized_auprc": cen, "local_only_auprc_mean": loc,
                              "hgb_centralized_auprc": agg["hgb_centralized_auprc"]["mean"]}
-    cfg_example = config_for(datasets[0], seed=0, quick=args.quick, store_url="", mu=args.mu_grid[0])
+    cfg_example = config_for(datasets[0], seed=0, quick=args.quick, store_url="", mu=args.mu_grid[0],
+                             rounds=args.rounds)
     result = {
         "benchmark": "federated_vs_central",
         "quick": args.quick,
