@@ -76,7 +76,7 @@ def run_demo(
         )
     s = result.summary()
     plot = plot_auprc_per_round(
-        [c["round"] for c in result.curve()],
+        [int(c["round"]) for c in result.curve()],
         [c["auprc"] for c in result.curve()],
         path=out / "auprc_per_round.png",
         centralized=s.get("centralized_auprc"),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -221,7 +222,7 @@ class Coordinator:
         params = get_parameters(model)
         optimizer = create_server_optimizer(cfg)
         institutions = tuple(names[n] for n in node_ids)
-        run_config = dict(cfg.to_run_config())
+        run_config: dict[str, Any] = dict(cfg.to_run_config())
         run_config.update(
             {
                 "pos-weight": pos_weight,
@@ -239,7 +240,7 @@ class Coordinator:
             pos_weight, self.transport.name,
         )
         std_record = ArrayRecord({"mean": _arr(standardizer.mean), "std": _arr(standardizer.std)})
-        base_config = {
+        base_config: dict[str, int | float | str] = {
             "model": cfg.model,
             "hidden": ",".join(str(h) for h in cfg.hidden),
             "seed": cfg.seed,

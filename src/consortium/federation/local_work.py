@@ -8,11 +8,14 @@ model code.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from consortium.data import InstitutionSplit
+from consortium.errors import ConfigError
 from consortium.federation import messages as m
 from consortium.federation.thresholds import score_histograms, to_unit_interval
 from consortium.models import (
@@ -37,10 +40,23 @@ def model_from(content: RecordDict, n_features: int) -> tuple[torch.nn.Module, l
     """Build the model the config names and load the global parameters into it."""
     cfg = content.config_records[m.CONFIG]
     hidden = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h) or None
-    model = build_model(str(cfg["model"]), n_features, hidden=hidden, seed=int(cfg.get("seed", 0)))
+    model = build_model(str(cfg["model"]), n_features, hidden=hidden, seed=int(_scalar(cfg, "seed", 0)))
     params = content.array_records[m.GLOBAL_ARRAYS].to_numpy_ndarrays()
     set_parameters(model, params)
     return model, params
+
+
+def _scalar(cfg: ConfigRecord, key: str, default: float | int | str | None = None) -> Any:
+    """One scalar of the coordinator's config; a missing key without default is a clear error."""
+    if key in cfg:
+        value = cfg[key]
+    elif default is not None:
+        return default
+    else:
+        raise ConfigError(f"The coordinator's config has no '{key}'; coordinator and node versions differ.")
+    if isinstance(value, list | bytes):
+        raise ConfigError(f"The coordinator's config field '{key}' must be a scalar. Got {value!r} instead.")
+    return value
 
 
 def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
@@ -49,18 +65,18 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
     cfg = content.config_records[m.CONFIG]
     model, global_params = model_from(content, split.train.n_features)
     X = standardizer_from(content).transform(split.train.X)
-    pos_weight = float(cfg.get("pos-weight", 0.0))
+    pos_weight = float(_scalar(cfg, "pos-weight", 0.0))
     tc = TrainConfig(
-        epochs=int(cfg["local-epochs"]),
-        batch_size=int(cfg["batch-size"]),
-        lr=float(cfg["lr"]),
-        optimizer=str(cfg.get("optimizer", "adam")),  # type: ignore[arg-type]
-        weight_decay=float(cfg.get("weight-decay", 0.0)),
-        loss=str(cfg["loss"]),
+        epochs=int(_scalar(cfg, "local-epochs")),
+        batch_size=int(_scalar(cfg, "batch-size")),
+        lr=float(_scalar(cfg, "lr")),
+        optimizer=str(_scalar(cfg, "optimizer", "adam")),  # type: ignore[arg-type]
+        weight_decay=float(_scalar(cfg, "weight-decay", 0.0)),
+        loss=str(_scalar(cfg, "loss")),
         pos_weight=pos_weight if pos_weight > 0 else None,
-        focal_gamma=float(cfg.get("focal-gamma", 2.0)),
-        proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-        seed=int(cfg.get("seed", 0)) * 1000 + int(cfg.get("server-round", 0)),
+        focal_gamma=float(_scalar(cfg, "focal-gamma", 2.0)),
+        proximal_mu=float(_scalar(cfg, "proximal-mu", 0.0)),
+        seed=int(_scalar(cfg, "seed", 0)) * 1000 + int(_scalar(cfg, "server-round", 0)),
     )
     result = train_local(
         model, X, split.train.y, config=tc, global_params=global_params if tc.proximal_mu > 0 else None
@@ -81,11 +97,14 @@ def evaluate_reply(split: InstitutionSplit, content: RecordDict, *, disclose: bo
     kind = str(cfg["model"])
     model, _ = model_from(content, split.train.n_features)
     std = standardizer_from(content)
-    bins = int(cfg.get("histogram-bins", m.HISTOGRAM_BINS))
+    bins = int(_scalar(cfg, "histogram-bins", m.HISTOGRAM_BINS))
     val_scores = predict_scores(model, std.transform(split.val.X))
     neg, pos = score_histograms(to_unit_interval(val_scores, kind=kind), split.val.y, bins=bins)
     reply = RecordDict({m.VAL_HISTOGRAM: ArrayRecord({"neg": Array(neg), "pos": Array(pos)})})
-    metrics: dict[str, float | int] = {m.WEIGHT: int(split.test.n_rows), "disclosed": int(disclose)}
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        m.WEIGHT: int(split.test.n_rows),
+        "disclosed": int(disclose),
+    }
     if disclose:
         fm = evaluate_scores(split.test.y, predict_scores(model, std.transform(split.test.X)))
         metrics.update(
