@@ -11,7 +11,6 @@ cannot do: it is the upper reference federated learning tries to approach.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -120,7 +119,3 @@ def mean_metric(results: list[BaselineResult], name: str) -> float:
     values = [getattr(r.metrics, name) for r in results]
     return float(np.nanmean(values)) if values else float("nan")
 
-
-def with_rounds(config: FederationConfig, rounds: int) -> FederationConfig:
-    """Copy of ``config`` with another number of rounds."""
-    return dataclasses.replace(config, num_rounds=rounds)

@@ -262,7 +262,7 @@ class Coordinator:
             for rnd in range(1, cfg.num_rounds + 1):
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
-                sampled = self._sample(grid, node_ids, names, rnd)
+                sampled = self._sample(grid, node_ids, rnd)
                 content = RecordDict(
                     {
                         m.GLOBAL_ARRAYS: ArrayRecord.from_numpy_ndarrays([p.copy() for p in params]),
@@ -368,7 +368,7 @@ class Coordinator:
             extra={"disclosure": disclose, "pos_weight": pos_weight},
         )
 
-    def _sample(self, grid: Grid, node_ids: Sequence[int], names: Mapping[int, str], rnd: int) -> list[int]:
+    def _sample(self, grid: Grid, node_ids: Sequence[int], rnd: int) -> list[int]:
         connected = set(grid.get_node_ids())
         alive = [n for n in node_ids if n in connected]
         k = max(self.config.min_nodes, int(round(self.config.fraction_train * len(alive))))
