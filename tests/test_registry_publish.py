@@ -11,7 +11,6 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,40 +22,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from consortium.edge.messages import ModelAnnouncement, models_topic, parse_payload
-from consortium.models import FeatureStats, build_model, get_parameters, predict_scores, set_parameters
-from consortium.registry import RoundRecord, RunStore
+from consortium.models import build_model, predict_scores, set_parameters
+from consortium.registry import RunStore
 from consortium.registry.announce import AnnounceError, announce_bundle
 from consortium.registry.bundle import read_bundle
 from consortium.registry.http import create_registry_app
 from consortium.registry.publish import publish_run_model, selected_round
 from consortium.registry.registry import ModelRegistry
+from consortium.registry.testing import FEATURES, record_run
 
 KEY = Ed25519PrivateKey.generate()
-FEATURES = ["amount", "hour", "merchant_risk", "velocity"]
 BROKER = "mqtt://127.0.0.1:1883"
-
-
-def record_run(store: RunStore, *, kind: str = "mlp", rounds: int = 3, selected: int = 2) -> tuple[str, np.ndarray]:
-    """A run as the coordinator records it (same checkpoint layout and extra)."""
-    rng = np.random.default_rng(0)
-    X = (rng.standard_normal((500, len(FEATURES))) * [100, 6, 1, 3] + [50, 12, 0, 2]).astype(np.float32)
-    std = FeatureStats.from_data(X).standardizer()
-    hidden = [8, 4] if kind == "mlp" else [3, 2]
-    run_id = store.create_run(name="simulate-synthetic", config={"model": kind}, institutions=["a", "b"])
-    for rnd in range(1, rounds + 1):
-        model = build_model(kind, len(FEATURES), hidden=hidden, seed=rnd)
-        now = datetime.now(UTC)
-        store.record_round(
-            run_id,
-            RoundRecord(round=rnd, started_at=now, finished_at=now, participants=("a", "b"),
-                        global_metrics={"val-auprc": 0.1 * rnd, "auprc": 0.2 * rnd, "roc-auc": float("nan"),
-                                        "threshold": 0.3, "seconds": 1.0}),
-            checkpoint=[*get_parameters(model), std.mean, std.std],
-            checkpoint_extra={"n_params": len(get_parameters(model)), "threshold": 0.25 + rnd / 100, "model": kind,
-                              "hidden": hidden, "feature_names": FEATURES, "optimizer": "fedavg"},
-        )
-    store.finish_run(run_id, status="completed", message=f"selected round {selected} (best validation AUPRC)")
-    return run_id, X
 
 
 @pytest.fixture
@@ -74,7 +50,7 @@ def test_publish_exports_the_selected_round(run_store: RunStore, registry: Model
     assert entry.metrics == {"val-auprc": pytest.approx(0.2), "auprc": pytest.approx(0.4)}  # NaN, threshold dropped
     bundle = registry.verify(entry.model_version)
     assert bundle.manifest.kind == kind and bundle.manifest.threshold == pytest.approx(0.27)
-    assert bundle.manifest.feature_names == tuple(FEATURES) and bundle.manifest.run_id == run_id
+    assert bundle.manifest.feature_names == FEATURES and bundle.manifest.run_id == run_id
     # The bundle scores raw rows exactly like the checkpointed PyTorch model on standardised rows.
     ckpt = run_store.load_checkpoint(run_id, round=2)
     n = ckpt.extra["n_params"]
