@@ -186,3 +186,19 @@ def test_announce_to_an_unreachable_broker_is_a_clear_error() -> None:
         announce_bundle(f"mqtt://127.0.0.1:{port}", announcement, timeout=2)
     with pytest.raises(Exception, match="broker URL"):
         announce_bundle("http://127.0.0.1:1883", announcement)
+
+
+def test_demo_publication_keeps_one_key(run_store: RunStore, tmp_path: Path) -> None:
+    from consortium.registry.publish import publish_demo_model
+    from consortium.registry.signing import load_public_key
+
+    first, _ = record_run(run_store)
+    second, _ = record_run(run_store)
+    a = publish_demo_model(run_store, out_dir=tmp_path, run_id=first)
+    b = publish_demo_model(run_store, out_dir=tmp_path, run_id=second)
+    key_file = tmp_path / "keys" / "bundle-signing.pem"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    public = load_public_key(tmp_path / "keys" / "bundle-signing.pem.pub")
+    assert read_bundle(a.entry.path, public_key=public).key_id == read_bundle(b.entry.path, public_key=public).key_id
+    assert b.entry.parent_version == a.entry.model_version and b.entry.promoted
+    assert a.entry.path.parent == tmp_path / "registry"

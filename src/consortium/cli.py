@@ -125,6 +125,7 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     click.echo(f"AUPRC per round: {out.plot}")
     click.echo(f"Full results:    {out.json_path}")
     click.echo(f"Run store:       {out.store_url}  (run {out.result.run.run_id})")
+    click.echo(f"Model bundle:    {out.bundle}")
     click.echo(f"Finished in {out.seconds:.0f} s")
 
 

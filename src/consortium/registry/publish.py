@@ -40,7 +40,14 @@ from consortium.registry.store import RunStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PublishedModel", "bundle_url", "publish_run_model", "run_model_version", "selected_round"]
+__all__ = [
+    "PublishedModel",
+    "bundle_url",
+    "publish_demo_model",
+    "publish_run_model",
+    "run_model_version",
+    "selected_round",
+]
 
 _SELECTED = re.compile(r"selected round (\d+)")
 _NOT_METRICS = ("threshold", "seconds")
@@ -213,3 +220,25 @@ def publish_run_model(
         announced = True
     logger.info("Published model %s of run %s (round %d) on channel %s", version, run_id, chosen, channel)
     return PublishedModel(entry=entry, round=chosen, announced=announced)
+
+
+def publish_demo_model(store: RunStore, *, out_dir: Path | str, run_id: str) -> PublishedModel:
+    """The demo's publication: key and registry inside ``out_dir``, bundle promoted on "default".
+
+    Creates ``out_dir/keys/bundle-signing.pem`` (0600, with ``.pub``) on first use
+    and reuses it afterwards, so agents given the public key accept every later
+    demo model; the registry's blobs go to ``out_dir/registry``.
+    """
+    from consortium.registry.signing import (  # noqa: PLC0415 - keep the module's import light
+        generate_signing_key,
+        load_private_key,
+    )
+
+    keys = Path(out_dir) / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    key_path = keys / "bundle-signing.pem"
+    if not key_path.exists():
+        generate_signing_key(key_path)
+    private_key = load_private_key(key_path)
+    registry = ModelRegistry(store, Path(out_dir) / "registry", public_key=private_key.public_key())
+    return publish_run_model(store, registry=registry, private_key=private_key, run_id=run_id)
