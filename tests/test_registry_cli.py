@@ -76,6 +76,13 @@ def test_registry_commands(tmp_path: Path) -> None:
     code, out = run("registry", "verify", "--file", str(exported), "--public-key", pub)
     assert code == 0 and "OK" in out
 
+    # No key material in the run store, the registry's files or the bundles.
+    body = "".join(line for line in key.read_text().splitlines() if not line.startswith("-----"))
+    raw = __import__("base64").b64decode(body)
+    for path in [tmp_path / "runs.db", *sorted((tmp_path / "reg").iterdir())]:
+        data = path.read_bytes()
+        assert body.encode() not in data and raw not in data and raw[-32:] not in data, path
+
     # A bundle from elsewhere: added to another registry, checked against the key.
     other = ["--store", f"sqlite:///{tmp_path}/other.db", "--registry", str(tmp_path / "reg2")]
     code, out = run("registry", "add", str(exported), "--channel", "canary", "--promote", "--public-key", pub, *other)
