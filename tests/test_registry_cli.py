@@ -79,7 +79,7 @@ def test_registry_commands(tmp_path: Path) -> None:
     # No key material in the run store, the registry's files or the bundles.
     body = "".join(line for line in key.read_text().splitlines() if not line.startswith("-----"))
     raw = __import__("base64").b64decode(body)
-    for path in [tmp_path / "runs.db", *sorted((tmp_path / "reg").iterdir())]:
+    for path in [*sorted(tmp_path.glob("runs.db*")), *sorted((tmp_path / "reg").iterdir())]:
         data = path.read_bytes()
         assert body.encode() not in data and raw not in data and raw[-32:] not in data, path
 
