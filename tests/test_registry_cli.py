@@ -127,3 +127,42 @@ def test_simulate_publishes_a_bundle_that_scores_like_the_run(tmp_path: Path) ->
         rows = np.random.default_rng(0).standard_normal((100, len(manifest.features))).astype(np.float32)
         scores = session.run(None, {manifest.input_name: rows})[0]
         assert scores.shape == (100,) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_registry_serve_runs_as_a_process(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    store_url = f"sqlite:///{tmp_path}/runs.db"
+    key = tmp_path / "k.pem"
+    assert run("registry", "keygen", str(key))[0] == 0
+    with RunStore(store_url) as store:
+        record_run(store)
+    common = ["--store", store_url, "--registry", str(tmp_path / "reg")]
+    assert run("registry", "publish", "--bundle-key", str(key), *common)[0] == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "consortium.cli", "registry", "serve", "--port", str(port), *common],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=5) as r:  # noqa: S310
+                    models = json.loads(r.read())["models"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.2)
+        version = models[0]["model_version"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models/{version}/bundle", timeout=5) as r:  # noqa: S310
+            data = r.read()
+        assert read_bundle(data, public_key=load_public_key(Path(f"{key}.pub"))).manifest.model_version == version
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
