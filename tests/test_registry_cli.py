@@ -7,8 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
@@ -99,34 +97,6 @@ def test_registry_commands(tmp_path: Path) -> None:
     assert code == 2 and "not in the registry" in out
     code, out = run("registry", "promote", v1, "--broker", "mqtt://127.0.0.1:1883", *common)
     assert code == 2 and "--registry-url" in out
-
-
-@pytest.mark.slow
-def test_simulate_publishes_a_bundle_that_scores_like_the_run(tmp_path: Path) -> None:
-    key = tmp_path / "signing.pem"
-    assert run("registry", "keygen", str(key))[0] == 0
-    store_url = f"sqlite:///{tmp_path}/runs.db"
-    code, out = run(
-        "simulate", "--institutions", "3", "--transactions", "3000", "--rounds", "1", "--no-secure-aggregation",
-        "--no-baselines", "--store", store_url, "--bundle-key", str(key), "--registry", str(tmp_path / "reg"),
-    )
-    assert code == 0, out
-    assert "signed and registered" in out
-    with RunStore(store_url) as store:
-        run_record = store.list_runs()[0]
-        from consortium.registry.registry import ModelRegistry
-
-        registry = ModelRegistry(store, tmp_path / "reg", public_key=load_public_key(Path(f"{key}.pub")))
-        entry = registry.promoted()
-        assert entry is not None and entry.run_id == run_record.run_id
-        bundle = read_bundle(entry.path, public_key=registry.public_key)  # type: ignore[arg-type]
-        manifest = bundle.manifest
-        assert manifest.feature_names == tuple(run_record.config["feature-names"])
-        assert "auprc" in manifest.metrics and 0 < manifest.threshold < 1
-        session = ort.InferenceSession(bundle.onnx_bytes, providers=["CPUExecutionProvider"])
-        rows = np.random.default_rng(0).standard_normal((100, len(manifest.features))).astype(np.float32)
-        scores = session.run(None, {manifest.input_name: rows})[0]
-        assert scores.shape == (100,) and np.all((scores >= 0) & (scores <= 1))
 
 
 def test_registry_serve_runs_as_a_process(tmp_path: Path) -> None:
