@@ -74,3 +74,21 @@ def test_bad_publish_options_fail_before_the_run(command: str, tmp_path: Path) -
     key.chmod(0o600)
     result = CliRunner().invoke(main, [command, *extra, "--bundle-key", str(key), "--broker", "mqtt://h:1"])
     assert result.exit_code == 2 and "--registry-url" in result.output
+
+
+def test_publish_after_run_is_what_simulate_calls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from consortium.registry.commands import publish_after_run
+    from consortium.registry.testing import record_run
+
+    key = tmp_path / "k.pem"
+    assert CliRunner().invoke(main, ["registry", "keygen", str(key)]).exit_code == 0
+    with RunStore(f"sqlite:///{tmp_path}/runs.db") as store:
+        run_id, _ = record_run(store)
+        options = {"bundle_key": None, "registry_dir": str(tmp_path / "reg"), "channel": "default",
+                   "broker_url": None, "registry_url": None, "broker_ca": None, "broker_username": None,
+                   "broker_password": None}
+        assert publish_after_run(store, run_id=run_id, **options) is None  # no --bundle-key: nothing to do
+        published = publish_after_run(store, run_id=run_id, **{**options, "bundle_key": str(key)})
+        assert published.entry.promoted and published.entry.run_id == run_id
+        assert ModelRegistry(store, tmp_path / "reg").promoted().model_version == published.entry.model_version  # type: ignore[union-attr]
+    assert "signed and registered" in capsys.readouterr().out
