@@ -421,5 +421,9 @@ def runs_show(run_id: str, store_url: str) -> None:
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
 
 
+from consortium.edge.commands import edge  # noqa: E402
+
+main.add_command(edge)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
