@@ -146,3 +146,75 @@ def signed_bundle(
         features=tuple(FeatureSpec(n) for n in names), thresholds={"default": threshold},
     )
     return bundle_bytes(onnx_model=onnx_model, manifest=manifest, private_key=private_key)  # type: ignore[arg-type]
+
+
+class Collector:
+    """A paho subscriber that keeps every (topic, parsed message) it receives, for assertions.
+
+    Parameters
+    ----------
+    broker_url : str
+        ``mqtt://host:port``.
+    topic_filter : str
+        What to subscribe to (QoS 1).
+    client_id : str, optional
+        Give one with ``persistent=True`` so the broker keeps the session across a broker restart.
+    """
+
+    def __init__(self, broker_url: str, topic_filter: str, *, client_id: str = "", persistent: bool = False) -> None:
+        import threading  # noqa: PLC0415
+
+        import paho.mqtt.client as mqtt  # noqa: PLC0415
+
+        from consortium.edge.publisher import parse_broker_url  # noqa: PLC0415
+
+        address = parse_broker_url(broker_url)
+        self.messages: list[tuple[str, object]] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+            clean_session=not persistent, protocol=mqtt.MQTTv311,
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=1)
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect_async(address.host, address.port, keepalive=10)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError(f"Could not subscribe to {topic_filter} on {broker_url}.")
+
+    def _on_message(self, _c: object, _u: object, msg: object) -> None:
+        from consortium.edge import messages as m  # noqa: PLC0415
+
+        topic, payload = msg.topic, bytes(msg.payload)  # type: ignore[attr-defined]
+        with self._lock:
+            self.raw.append((topic, payload))
+            try:
+                if topic.startswith(f"{m.PREFIX}/models/"):
+                    self.messages.append((topic, m.parse_payload("models", payload)))
+                else:
+                    self.messages.append((topic, m.parse_message(topic, payload)[1]))
+            except m.MessageError as exc:
+                self.messages.append((topic, exc))
+
+    def of_kind(self, cls: type) -> list[object]:
+        """Messages of one payload class, in arrival order."""
+        with self._lock:
+            return [msg for _, msg in self.messages if isinstance(msg, cls)]
+
+    def wait_for(self, predicate: object, *, timeout: float = 20.0) -> bool:
+        """Poll ``predicate(self)`` until true or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):  # type: ignore[operator]
+                return True
+            time.sleep(0.02)
+        return bool(predicate(self))  # type: ignore[operator]
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
