@@ -123,3 +123,41 @@ def test_demo_edge_step_with_the_embedded_broker(tmp_path: Path, bundle: tuple[P
     assert res.embedded_broker and res.scored == 300 and res.model_version == "v7"
     assert res.alerts > 0 and res.alerts_received == res.alerts  # every alert went through the broker
     assert res.telemetry_received >= 1 and res.frauds_in_stream == 30
+
+
+def test_registry_url_loads_the_promoted_bundle(tmp_path: Path, bundle: tuple[Path, Path]) -> None:
+    import threading  # noqa: PLC0415
+
+    import uvicorn  # noqa: PLC0415
+
+    from consortium.edge.testing import free_port, wait_for_port  # noqa: PLC0415
+    from consortium.registry import RunStore  # noqa: PLC0415
+    from consortium.registry.http import create_registry_app  # noqa: PLC0415
+    from consortium.registry.registry import ModelRegistry  # noqa: PLC0415
+
+    store = RunStore(f"sqlite:///{tmp_path / 'reg.db'}")
+    registry = ModelRegistry(store, tmp_path / "blobs")
+    registry.add(bundle[0], promote=True)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_registry_app(registry), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for_port(port)
+        (tmp_path / "one.jsonl").write_text(json.dumps({"transaction_id": "r1", **{n: 0.1 for n in NAMES}}) + "\n")
+        result = CliRunner().invoke(main, [
+            "edge", "run", "--registry", f"http://127.0.0.1:{port}", "--public-key", str(bundle[1]),
+            "--broker", BROKER, "--institution", "bank-r", "--input", str(tmp_path / "one.jsonl"),
+            "--outbox", str(tmp_path / "o.db"),
+        ])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.strip().splitlines()[-1])["model_version"] == "v7"
+        missing = CliRunner().invoke(main, [
+            "edge", "run", "--registry", f"http://127.0.0.1:{port}", "--channel", "nothing", "--public-key",
+            str(bundle[1]), "--institution", "bank-r", "--input", "-", "--outbox", str(tmp_path / "o2.db")])
+        assert missing.exit_code == 2 and "promoted model of channel 'nothing'" in missing.output
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        store.close()

@@ -58,24 +58,23 @@ def load_model(*, bundle: str | None, registry: str | None, channel: str, public
 
 
 def _download_promoted(base: str, channel: str) -> bytes:
-    """Fetch the promoted bundle of ``channel`` from a registry's HTTP API."""
+    """Fetch the promoted bundle of ``channel`` from a registry's HTTP API and check its announced hash."""
+    import hashlib  # noqa: PLC0415
+
     try:
-        with urllib.request.urlopen(f"{base}/api/models", timeout=30) as r:  # noqa: S310
-            listing = json.loads(r.read())
+        with urllib.request.urlopen(f"{base}/api/channels/{channel}", timeout=30) as r:  # noqa: S310
+            entry = json.loads(r.read())
+        version, sha = str(entry["model_version"]), str(entry["sha256"])
     except Exception as exc:
-        raise ConfigError(f"Cannot read the model list at {base}/api/models: {exc}") from None
-    entries = listing.get("models", listing) if isinstance(listing, dict) else listing
-    promoted = [
-        e for e in entries if isinstance(e, dict) and e.get("promoted") and e.get("channel", "default") == channel
-    ]
-    if not promoted:
-        raise ConfigError(f"The registry at {base} has no promoted model on channel {channel!r}.")
-    version = promoted[-1]["model_version"]
+        raise ConfigError(f"Cannot find the promoted model of channel {channel!r} at {base}: {exc}") from None
     try:
         with urllib.request.urlopen(f"{base}/api/models/{version}/bundle", timeout=60) as r:  # noqa: S310
-            return bytes(r.read())
+            data = bytes(r.read())
     except Exception as exc:
         raise ConfigError(f"Cannot download bundle {version} from {base}: {exc}") from None
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ConfigError(f"The bundle {version} downloaded from {base} does not match the registry's SHA-256.")
+    return data
 
 
 class _ScoreHandler(BaseHTTPRequestHandler):
