@@ -14,6 +14,7 @@ import pytest
 from consortium.edge import messages as m
 from consortium.edge.broker import EmbeddedBroker, topic_matches
 from consortium.edge.publisher import MqttPublisher
+from consortium.errors import ConfigError
 
 
 @pytest.fixture
@@ -133,3 +134,32 @@ def test_publisher_through_embedded_broker(broker: EmbeddedBroker, tmp_path: Pat
     finally:
         pub.stop()
         sink.close()
+
+
+def test_process_publisher_keeps_the_publisher_contract(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    from consortium.edge.isolated import ProcessPublisher  # noqa: PLC0415
+    from consortium.edge.testing import Collector  # noqa: PLC0415
+
+    sink = Collector(broker.url, m.subscription(institution="bank-p"))
+    commands: list[bytes] = []
+    pub = ProcessPublisher(broker.url, institution="bank-p", agent="a1", outbox_path=tmp_path / "o.db").start()
+    try:
+        pub.subscribe(m.agent_topic("bank-p", "a1", "commands"), lambda _t, p: commands.append(p))
+        pub.set_model_version("v9")
+        for i in range(100):
+            pub.publish(m.Alert(msg_id="", institution="bank-p", agent="a1", transaction_id=str(i), score=0.9,
+                                threshold=0.5, model_version="v9", ts=m.now()))
+        assert pub.flush(timeout=10) and pub.wait_delivered(timeout=20)
+        assert pub.backlog == 0 and pub.stats().delivered == 100 and pub.connected
+        assert sink.wait_for(lambda s: len(s.of_kind(m.Alert)) == 100)
+        assert [a.msg_id for a in sink.of_kind(m.Alert)] == [f"bank-p/a1/{i}" for i in range(1, 101)]
+        assert sink.wait_for(lambda s: any(x.model_version == "v9" for x in s.of_kind(m.Status)))
+        sink.client.publish(m.agent_topic("bank-p", "a1", "commands"), m.Command(command="rollback", ts=1.0).to_json(),
+                            qos=1)
+        assert sink.wait_for(lambda s: len(commands) == 1)
+        with pytest.raises(ConfigError, match="'payload' parameter"):
+            pub.publish(m.Command(command="x", ts=1.0))
+    finally:
+        pub.stop()
+        sink.close()
+    assert pub.stats().delivered == 100  # final counters survive the child

@@ -132,6 +132,9 @@ class _ScoreHandler(BaseHTTPRequestHandler):
 @click.option("--username", default=None)
 @click.option("--password", envvar="CONSORTIUM_MQTT_PASSWORD", default=None,
               help="Broker password (or $CONSORTIUM_MQTT_PASSWORD).")
+@click.option("--publisher-process/--publisher-thread", default=True, show_default=True,
+              help="Run the MQTT publisher in a child process (keeps its work off the scoring thread's GIL) "
+                   "or in threads of this process.")
 @click.option("--fsync/--no-fsync", default=False, show_default=True,
               help="fsync every outbox commit (queued alerts survive power loss, ~5 ms per commit) "
                    "instead of surviving only an agent crash.")
@@ -140,9 +143,11 @@ class _ScoreHandler(BaseHTTPRequestHandler):
 def edge_run(bundle: str | None, registry_url: str | None, channel: str, public_key: str, broker: str,
              institution: str, agent_name: str, input_path: str | None, http_port: int | None,
              outbox_path: str | None, telemetry_interval: float, threads: int, tls_ca: str | None,
-             username: str | None, password: str | None, fsync: bool, drain_timeout: float) -> None:
+             username: str | None, password: str | None, publisher_process: bool, fsync: bool,
+             drain_timeout: float) -> None:
     """Score transactions locally; alerts and telemetry go to the broker (queued on disk while it is away)."""
     from consortium.edge.agent import EdgeAgent  # noqa: PLC0415
+    from consortium.edge.isolated import ProcessPublisher  # noqa: PLC0415
     from consortium.edge.publisher import MqttPublisher  # noqa: PLC0415
     from consortium.registry.signing import load_public_key  # noqa: PLC0415
 
@@ -151,7 +156,8 @@ def edge_run(bundle: str | None, registry_url: str | None, channel: str, public_
             raise ConfigError("Give exactly one of --input (- | FILE.jsonl | FILE.csv) or --http PORT.")
         key = load_public_key(Path(public_key))
         model = load_model(bundle=bundle, registry=registry_url, channel=channel, public_key=key)
-        publisher = MqttPublisher(
+        publisher_cls: Any = ProcessPublisher if publisher_process else MqttPublisher
+        publisher = publisher_cls(
             broker, institution=institution, agent=agent_name,
             outbox_path=outbox_path or f"edge-outbox-{institution}-{agent_name}.db",
             tls_ca=tls_ca, username=username, password=password, synchronous="FULL" if fsync else "NORMAL",
@@ -184,7 +190,7 @@ def edge_run(bundle: str | None, registry_url: str | None, channel: str, public_
         publisher.stop(drain_timeout=drain_timeout)
     totals = agent.totals()
     click.echo(json.dumps({"scored": totals.scored, "alerts": totals.alerts, "invalid": totals.invalid,
-                           "model_version": totals.model_version, "backlog": publisher.backlog}))
+                           "model_version": totals.model_version, "backlog": publisher.stats().backlog}))
 
 
 def _interrupt(*_: object) -> None:
