@@ -80,8 +80,11 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
                 if i % 100 == 0:
                     time.sleep(0.05)  # a stream, not one burst: part of it lands during the outage
             assert pub.wait_delivered(timeout=30)
-            assert sink.wait_for(lambda s: len({a.msg_id for a in s.of_kind(m.Alert)}) >= len(expected), timeout=30)
+            got = sink.wait_for(lambda s: len({a.msg_id for a in s.of_kind(m.Alert)}) >= len(expected), timeout=30)
+            assert got, (f"{len({a.msg_id for a in sink.of_kind(m.Alert)})} of {len(expected)} alerts; publisher "
+                         f"{pub.stats()}; broker log: {(broker.directory / 'mosquitto.log').read_text()[-3000:]}")
             counts = _exactly_once(sink, expected)
+            assert (broker.directory / "mosquitto.db").exists()  # the broker really persisted the sink's session
             assert pub.stats().reconnects >= 1 and backlog_in_outage > 100  # really queued during the outage
             print("broker restart:", counts, pub.stats())
         finally:

@@ -8,6 +8,8 @@ without touching the shared one.
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -96,8 +98,11 @@ class MosquittoProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.config = self.directory / "mosquitto.conf"
+        # Run as root, mosquitto switches to the 'mosquitto' user and then cannot write its
+        # persistence file in a private temporary directory: keep the current user.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.directory}/\nautosave_interval 1\n"
             f"max_queued_messages 100000\nlog_dest file {self.directory}/mosquitto.log\n"
         )
