@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from consortium.edge.inputs import InvalidInputError
 from consortium.edge.scorer import OnnxScorer
 from consortium.edge.testing import feature_names, mlp_onnx, mlp_weights
 from consortium.errors import ConfigError
@@ -28,6 +29,14 @@ def test_single_row_path_equals_session_run(model: bytes) -> None:
     np.testing.assert_allclose(scorer.score_batch(X), expected, rtol=1e-6, atol=1e-7)
     assert len(set(np.round(got, 4))) > 100  # rows really differ: the bound buffer is re-read each run
     np.testing.assert_array_equal(scorer.row[0], X[-1])
+    names = feature_names(D)
+    row = {"transaction_id": "t", **{n: float(v) for n, v in zip(names, X[3], strict=True)}}
+    assert scorer.score_row(row) == pytest.approx(float(expected[3]), rel=1e-6)
+    with pytest.raises(InvalidInputError, match="'f00' is missing"):
+        scorer.score_row({})
+    with pytest.raises(InvalidInputError) as info:
+        scorer.score_values([1e39] * D)
+    assert info.value.reason == "overflow"
 
 
 def test_width_and_names_are_checked(model: bytes) -> None:

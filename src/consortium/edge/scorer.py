@@ -12,7 +12,8 @@ these machines it is *faster* than a plain ``InferenceSession.run`` call
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -104,6 +105,14 @@ class OnnxScorer:
                 from None
         self._run(self._binding)
         return float(self._y_flat[0])
+
+    def score_row(self, row: Mapping[str, Any]) -> float:
+        """Score one dict row by feature name (extra keys ignored; no checks — see :class:`RowParser`)."""
+        try:
+            values = [row[name] for name in self.feature_names]
+        except KeyError as exc:
+            raise InvalidInputError("missing_field", f"Field {exc.args[0]!r} is missing.") from None
+        return self.score_values(values)
 
     def score_batch(self, X: np.ndarray) -> np.ndarray:
         """Score an ``[n, d]`` array; returns ``n`` float32 scores."""
