@@ -7,8 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
@@ -76,6 +74,13 @@ def test_registry_commands(tmp_path: Path) -> None:
     code, out = run("registry", "verify", "--file", str(exported), "--public-key", pub)
     assert code == 0 and "OK" in out
 
+    # No key material in the run store, the registry's files or the bundles.
+    body = "".join(line for line in key.read_text().splitlines() if not line.startswith("-----"))
+    raw = __import__("base64").b64decode(body)
+    for path in [*sorted(tmp_path.glob("runs.db*")), *sorted((tmp_path / "reg").iterdir())]:
+        data = path.read_bytes()
+        assert body.encode() not in data and raw not in data and raw[-32:] not in data, path
+
     # A bundle from elsewhere: added to another registry, checked against the key.
     other = ["--store", f"sqlite:///{tmp_path}/other.db", "--registry", str(tmp_path / "reg2")]
     code, out = run("registry", "add", str(exported), "--channel", "canary", "--promote", "--public-key", pub, *other)
@@ -94,29 +99,40 @@ def test_registry_commands(tmp_path: Path) -> None:
     assert code == 2 and "--registry-url" in out
 
 
-@pytest.mark.slow
-def test_simulate_publishes_a_bundle_that_scores_like_the_run(tmp_path: Path) -> None:
-    key = tmp_path / "signing.pem"
-    assert run("registry", "keygen", str(key))[0] == 0
-    store_url = f"sqlite:///{tmp_path}/runs.db"
-    code, out = run(
-        "simulate", "--institutions", "3", "--transactions", "3000", "--rounds", "1", "--no-secure-aggregation",
-        "--no-baselines", "--store", store_url, "--bundle-key", str(key), "--registry", str(tmp_path / "reg"),
-    )
-    assert code == 0, out
-    assert "signed and registered" in out
-    with RunStore(store_url) as store:
-        run_record = store.list_runs()[0]
-        from consortium.registry.registry import ModelRegistry
+def test_registry_serve_runs_as_a_process(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-        registry = ModelRegistry(store, tmp_path / "reg", public_key=load_public_key(Path(f"{key}.pub")))
-        entry = registry.promoted()
-        assert entry is not None and entry.run_id == run_record.run_id
-        bundle = read_bundle(entry.path, public_key=registry.public_key)  # type: ignore[arg-type]
-        manifest = bundle.manifest
-        assert manifest.feature_names == tuple(run_record.config["feature-names"])
-        assert "auprc" in manifest.metrics and 0 < manifest.threshold < 1
-        session = ort.InferenceSession(bundle.onnx_bytes, providers=["CPUExecutionProvider"])
-        rows = np.random.default_rng(0).standard_normal((100, len(manifest.features))).astype(np.float32)
-        scores = session.run(None, {manifest.input_name: rows})[0]
-        assert scores.shape == (100,) and np.all((scores >= 0) & (scores <= 1))
+    store_url = f"sqlite:///{tmp_path}/runs.db"
+    key = tmp_path / "k.pem"
+    assert run("registry", "keygen", str(key))[0] == 0
+    with RunStore(store_url) as store:
+        record_run(store)
+    common = ["--store", store_url, "--registry", str(tmp_path / "reg")]
+    assert run("registry", "publish", "--bundle-key", str(key), *common)[0] == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "consortium.cli", "registry", "serve", "--port", str(port), *common],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=5) as r:  # noqa: S310
+                    models = json.loads(r.read())["models"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.2)
+        version = models[0]["model_version"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models/{version}/bundle", timeout=5) as r:  # noqa: S310
+            data = r.read()
+        assert read_bundle(data, public_key=load_public_key(Path(f"{key}.pub"))).manifest.model_version == version
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -34,7 +34,7 @@ import click
 from consortium import __version__
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
-from consortium.registry.commands import publish_after_run, publish_options
+from consortium.registry.commands import check_publish_options, publish_after_run, publish_options
 from consortium.registry.commands import registry as registry_group
 
 DEFAULTS = FederationConfig()
@@ -174,6 +174,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
              strategy: str, loss: str, secure_aggregation: bool, baselines: bool, seed: int,
              store_url: str, out_dir: str | None, as_json: bool, **publish: Any) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
+    check_publish_options(publish)
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.experiment import dump_json, run_experiment  # noqa: PLC0415
     from consortium.federation.progress import RoundProgress, print_results_table  # noqa: PLC0415
@@ -317,6 +318,7 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
     starts once --min-nodes institutions are connected; results go to --store.
     """
+    check_publish_options(publish)
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.deploy import start_coordinator, submit_run  # noqa: PLC0415
 

@@ -80,6 +80,8 @@ _MEMBERS = (MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME)
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 """Largest archive (and largest uncompressed model) accepted."""
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+"""Deepest nesting accepted inside the manifest's ``extra``."""
 _MAX_SIGNATURE_BYTES = 4096
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -132,8 +134,10 @@ def _text(value: object, where: str, pattern: re.Pattern[str] | None = None, *, 
     return value
 
 
-def _json_value(value: object, where: str) -> Any:
+def _json_value(value: object, where: str, depth: int = 0) -> Any:
     """A deep copy of ``value`` if it is plain JSON without NaN/inf, else BundleError."""
+    if depth > MAX_JSON_DEPTH:
+        raise BundleError(f"Manifest field {where[:80]!r} is nested deeper than {MAX_JSON_DEPTH} levels.")
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -145,10 +149,10 @@ def _json_value(value: object, where: str) -> Any:
         for key, sub in value.items():
             if not isinstance(key, str):
                 raise BundleError(f"Manifest field {where!r} must have string keys. Got {key!r:.80} instead.")
-            out[key] = _json_value(sub, f"{where}.{key}")
+            out[key] = _json_value(sub, f"{where}.{key}", depth + 1)
         return out
     if isinstance(value, list | tuple):
-        return [_json_value(sub, f"{where}[{i}]") for i, sub in enumerate(value)]
+        return [_json_value(sub, f"{where}[{i}]", depth + 1) for i, sub in enumerate(value)]
     raise BundleError(
         f"Manifest field {where!r} must hold JSON data. Got {type(value).__name__} {value!r:.80} instead."
     )
@@ -602,8 +606,10 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
         raise BundleError(f"The {where} is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES}.")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
-        raise BundleError(f"The {where} is not a bundle archive (not a readable zip file: {exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile input; all mean "not a bundle"
+        raise BundleError(
+            f"The {where} is not a bundle archive (not a readable zip file: {type(exc).__name__}: {exc})."
+        ) from None
     with archive:
         infos = archive.infolist()
         names = [info.filename for info in infos]
@@ -631,9 +637,10 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
             try:
                 with archive.open(info) as handle:
                     content = handle.read(limit + 1)
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            except Exception as exc:  # noqa: BLE001 - as above: CRC, zlib, header and version errors alike
                 raise BundleError(
-                    f"The {where} is corrupt or tampered with: member {info.filename!r} cannot be read ({exc})."
+                    f"The {where} is corrupt or tampered with: member {info.filename!r} cannot be read "
+                    f"({type(exc).__name__}: {exc})."
                 ) from None
             if len(content) > limit:
                 raise BundleError(f"The {where} member {info.filename!r} exceeds {limit} bytes.")

@@ -148,6 +148,19 @@ def publish_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def check_publish_options(publish: dict[str, Any]) -> None:
+    """Refuse bad ``--bundle-key``/``--broker`` options before a run, not after minutes of training."""
+    bundle_key, broker_url = publish.get("bundle_key"), publish.get("broker_url")
+    if bundle_key is None:
+        if broker_url is not None:
+            raise click.UsageError("--broker announces a published bundle: give --bundle-key too.")
+        return
+    _check_announce(broker_url, publish.get("registry_url"))
+    from consortium.registry.signing import load_private_key  # noqa: PLC0415
+
+    load_private_key(bundle_key)  # missing, 0644 or not Ed25519: a clear error now
+
+
 def publish_after_run(
     store: Any,
     *,

@@ -8,7 +8,7 @@ row and its score lives in the graph:
 2. **Standardisation** with the federated :class:`~consortium.models.Standardizer`:
    ``z = (x - mean) / std``, in float32 as in training.
 3. **Missing values**: NaN (and ±inf) become the training mean, i.e. ``z = 0``
-   (``Where(IsNaN(z) or IsInf(z), 0, z)``).
+   (``Where(IsNaN(z - z), 0, z)``: ``z - z`` is NaN exactly when ``z`` is not finite).
 4. **Model**: ``Gemm``/``Relu`` layers built from the weights.
 5. **Score** (float32 ``(n,)``, higher = more suspicious): ``Sigmoid`` of the
    logit for the MLP (fraud probability in [0, 1]); mean squared reconstruction
@@ -108,14 +108,14 @@ def export_onnx(
         numpy_helper.from_array(standardizer.mean.astype(np.float32), "std_mean"),
         numpy_helper.from_array(standardizer.std.astype(np.float32), "std_std"),
         numpy_helper.from_array(np.zeros((), np.float32), "zero"),
-        numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"),
     ]
+    # z - z is 0 for finite z and NaN for NaN or ±inf: one IsNaN then covers every
+    # non-finite input (one node fewer than IsNaN + IsInf + Or; measured in benchmarks/bundles.py).
     nodes += [
         helper.make_node("Sub", [input_name, "std_mean"], ["centered"]),
         helper.make_node("Div", ["centered", "std_std"], ["scaled"]),
-        helper.make_node("IsNaN", ["scaled"], ["is_nan"]),
-        helper.make_node("IsInf", ["scaled"], ["is_inf"]),
-        helper.make_node("Or", ["is_nan", "is_inf"], ["is_missing"]),
+        helper.make_node("Sub", ["scaled", "scaled"], ["nonfinite_probe"]),
+        helper.make_node("IsNaN", ["nonfinite_probe"], ["is_missing"]),
         helper.make_node("Where", ["is_missing", "zero", "scaled"], ["z"]),
     ]
     current, width = "z", d
@@ -160,6 +160,7 @@ def export_onnx(
     else:
         if width != 1:
             raise ConfigError(f"Cannot export {type(model).__name__}: a classifier must end in 1 logit, not {width}.")
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"))
         nodes += [
             helper.make_node("Sigmoid", [current], ["probability"]),
             helper.make_node("Reshape", ["probability", "flat_shape"], [output_name]),
