@@ -97,7 +97,7 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()))
 def test_any_bytes_are_parsed_or_refused_with_a_known_reason(line: bytes) -> None:
     try:
@@ -112,7 +112,7 @@ def test_any_bytes_are_parsed_or_refused_with_a_known_reason(line: bytes) -> Non
 VALUE = st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.booleans() | st.text(max_size=3) | st.none()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.fixed_dictionaries({n: VALUE for n in NAMES}, optional={"transaction_id": st.text(max_size=5) | st.integers(),
                                                                "other": VALUE}),

@@ -413,7 +413,7 @@ class MqttPublisher:
         logger.info("Connected to %s", self.broker_url)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping.is_set():
             logger.warning("Disconnected from %s (%s); queueing on disk", self.broker_url, reason)
         self._connected.clear()
 
