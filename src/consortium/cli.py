@@ -98,9 +98,11 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--store", "store_url", default=None, help="Run store URL (default: SQLite file in --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--broker", "broker_url", default=None,
+              help="MQTT broker for the edge step (mqtt://HOST:PORT; default: an in-process broker).")
 @_friendly_errors
 def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model: str, strategy: str,
-         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool) -> None:
+         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool, broker_url: str | None) -> None:
     """Five synthetic banks train one fraud model together, end to end.
 
     Generates the institutions, trains federated in Flower's simulation engine,
@@ -114,7 +116,7 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
         out = run_demo(
             out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
             model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
-            store_url=store_url, on_round=progress.update, on_stage=progress.stage,
+            store_url=store_url, on_round=progress.update, on_stage=progress.stage, broker_url=broker_url,
         )
     if as_json:
         click.echo(json.dumps(json.loads(out.json_path.read_text()), indent=2))
@@ -126,6 +128,12 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     click.echo(f"Full results:    {out.json_path}")
     click.echo(f"Run store:       {out.store_url}  (run {out.result.run.run_id})")
     click.echo(f"Model bundle:    {out.bundle}")
+    if out.edge is not None:
+        e = out.edge
+        click.echo(f"Edge agent:      scored {e['scored']:,} holdout transactions, {e['alerts']:,} alerts "
+                   f"({e['alerts_received']:,} received over MQTT{', embedded broker' if e['embedded_broker'] else ''}"
+                   f"), {e['frauds_alerted']}/{e['frauds_in_stream']} frauds alerted, "
+                   f"p50 {e['latency_p50_us']:.0f} µs per transaction")
     click.echo(f"Finished in {out.seconds:.0f} s")
 
 
@@ -437,6 +445,9 @@ def runs_show(run_id: str, store_url: str) -> None:
 
 main.add_command(registry_group)
 
+from consortium.edge.commands import edge  # noqa: E402
+
+main.add_command(edge)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
