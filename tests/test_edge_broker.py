@@ -163,3 +163,31 @@ def test_process_publisher_keeps_the_publisher_contract(broker: EmbeddedBroker, 
         pub.stop()
         sink.close()
     assert pub.stats().delivered == 100  # final counters survive the child
+
+
+def test_process_publisher_replaces_a_dead_child(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    from consortium.edge.isolated import ProcessPublisher  # noqa: PLC0415
+    from consortium.edge.testing import Collector  # noqa: PLC0415
+
+    sink = Collector(broker.url, m.subscription("alerts", institution="bank-k"))
+    pub = ProcessPublisher(broker.url, institution="bank-k", agent="a1", outbox_path=tmp_path / "o.db").start()
+
+    def alert(i: int) -> m.Alert:
+        return m.Alert(msg_id="", institution="bank-k", agent="a1", transaction_id=str(i), score=0.9,
+                       threshold=0.5, model_version="1", ts=m.now())
+
+    try:
+        for i in range(10):
+            pub.publish(alert(i))
+        assert pub.wait_delivered(timeout=20)
+        pub._process.kill()  # the child dies (e.g. killed by the OOM killer)
+        pub._process.join(10)
+        for i in range(10, 20):
+            pub.publish(alert(i))  # the first send finds the pipe broken and starts a new child
+        assert pub.wait_delivered(timeout=20)
+        assert sink.wait_for(lambda s: len(s.of_kind(m.Alert)) == 20)
+        ids = [a.msg_id for a in sink.of_kind(m.Alert)]  # type: ignore[attr-defined]
+        assert len(set(ids)) == 20 and ids[-1] == "bank-k/a1/20"  # sequence numbers continue from the outbox
+    finally:
+        pub.stop()
+        sink.close()

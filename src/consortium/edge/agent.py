@@ -166,6 +166,7 @@ class EdgeAgent:
         self._totals = collections.Counter[str]()
         self._invalid_total = collections.Counter[str]()
         self._declined: set[str] = set()
+        self._publish_errors = 0
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -256,11 +257,15 @@ class EdgeAgent:
             if alert:
                 w.alerts += 1
         if alert and self.publisher is not None:
-            self.publisher.publish(m.Alert(
-                msg_id="", institution=self.institution, agent=self.agent,
-                transaction_id=str(row[active.parser.id_field]), score=score, threshold=self._threshold,
-                model_version=active.version, ts=time.time(),
-            ))
+            try:
+                self.publisher.publish(m.Alert(
+                    msg_id="", institution=self.institution, agent=self.agent,
+                    transaction_id=str(row[active.parser.id_field]), score=score, threshold=self._threshold,
+                    model_version=active.version, ts=time.time(),
+                ))
+            except Exception:  # the scorer keeps scoring; the count is in Telemetry.extra
+                self._publish_errors += 1
+                logger.exception("Could not queue the alert of transaction %s", row.get(active.parser.id_field))
         return score
 
     def score_line(self, line: bytes | str) -> float | None:
@@ -336,7 +341,7 @@ class EdgeAgent:
             model_version=self._active.version, scored=w.scored, alerts=w.alerts, invalid=dict(w.invalid),
             latency_us=latency, score_histogram=histogram,
             queue_backlog=self.publisher.backlog if self.publisher is not None else 0,
-            drift=drift, app=self.app, extra={"threshold": self._threshold},
+            drift=drift, app=self.app, extra={"threshold": self._threshold, "publish_errors": self._publish_errors},
         )
         if self.publisher is not None:
             self.publisher.publish(tel)

@@ -116,6 +116,7 @@ class ProcessPublisher:
         """Start the child process (and its broker connection) and wait until it runs."""
         if self._process is not None:
             return self
+        self._ready.clear()
         cmd_recv, cmd_send = self._ctx.Pipe(duplex=False)
         evt_recv, evt_send = self._ctx.Pipe(duplex=False)
         self._process = self._ctx.Process(target=_child_main, args=(dict(self._options), cmd_recv, evt_send),
@@ -135,7 +136,33 @@ class ProcessPublisher:
         if self._commands is None:
             raise ConfigError("The publisher is not running (call start() first).")
         with self._send_lock:
-            self._commands.send(message)
+            try:
+                self._commands.send(message)
+            except OSError:
+                # The child died (killed, out of memory): what it committed is in the outbox, so a
+                # new child carries on from there.  Only messages not yet committed are lost.
+                logger.error("The MQTT publisher process is gone (exit code %s); starting a new one",
+                             getattr(self._process, "exitcode", None))
+                self._respawn()
+                assert self._commands is not None
+                self._commands.send(message)
+
+    def _respawn(self) -> None:
+        old = self._process
+        if old is not None and old.is_alive():
+            old.terminate()
+        if old is not None:
+            old.join(timeout=10)
+        if self._commands is not None:
+            self._commands.close()
+        self._process = None
+        self._final = None
+        self.start()
+        assert self._commands is not None
+        for topic_filter, _ in self._handlers:
+            self._commands.send(("sub", topic_filter, 0))
+        if self.model_version:
+            self._commands.send(("version", self.model_version, 0))
 
     def _ask(self, op: str, arg: Any, *, timeout: float) -> Any:
         token = next(self._tokens)
