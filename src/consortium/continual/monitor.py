@@ -183,6 +183,15 @@ class DriftMonitor:
                     verdicts.append(v)
         return verdicts
 
+    def flush(self) -> WindowVerdict | None:
+        """Test the rows buffered so far as one window now (time-aligned windows, e.g. one per week).
+
+        Returns None (and counts an untestable window) when too few rows are buffered.
+        """
+        if not self._s:
+            return None
+        return self._close_window()
+
     def record(self, transaction_id: Hashable, score: float, *, alerted: bool) -> None:
         """Remember a scored transaction for the delayed-label join."""
         self.labels.record(transaction_id, score, alerted=alerted)
@@ -191,6 +200,10 @@ class DriftMonitor:
         """Join a delayed label (unknown ids are counted, never raised)."""
         used = self.labels.label(transaction_id, is_fraud)
         if used and self.labels.drift_active and self._status != "drift":
+            # Report at once: performance drift is the strongest evidence and should not wait for a window.
+            self._publish(DriftReport(msg_id="", institution=self.institution, agent=self.agent, ts=self.clock(),
+                                      model_version=self.model_version, status="drift",
+                                      statistics=_finite(self.labels.statistics())))
             self._set_status("drift", reason="performance")
         return used
 

@@ -60,15 +60,15 @@ def make_detector(method: str, *, delta: float | None = None, threshold: float |
     """A fresh ``river`` change detector for a 0/1 stream.
 
     ``adwin``: ``river.drift.ADWIN(delta)`` (default delta 0.002).
-    ``page_hinkley``: ``river.drift.PageHinkley(mode="up")`` (default threshold 10,
-    a tolerance ``delta`` of 0.01 per observation).
+    ``page_hinkley``: ``river.drift.PageHinkley(mode="up")`` (default threshold 15,
+    a tolerance ``delta`` of 0.05 per observation).
     """
     if method == "adwin":
         return river_drift.ADWIN(delta=0.002 if delta is None else delta)
     if method == "page_hinkley":
         return river_drift.PageHinkley(
-            min_instances=30, delta=0.01 if delta is None else delta,
-            threshold=10.0 if threshold is None else threshold, mode="up",
+            min_instances=30, delta=0.05 if delta is None else delta,
+            threshold=15.0 if threshold is None else threshold, mode="up",
         )
     raise param_error("method", "make_detector", f"one of {list(METHODS)}", method)
 
