@@ -39,7 +39,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +303,8 @@ def run(quick: bool) -> dict[str, Any]:
         "old_scenario_recall_drop": _rel_drop(after["a_static"]["recall_old_at_1pct_fpr"],
                                               after["c_retrained"]["recall_old_at_1pct_fpr"]),
         "old_scenario_recall_drop_without_antiforgetting": _rel_drop(
-            after["a_static"]["recall_old_at_1pct_fpr"], after["d_retrained_no_antiforgetting"]["recall_old_at_1pct_fpr"]),
+            after["a_static"]["recall_old_at_1pct_fpr"],
+            after["d_retrained_no_antiforgetting"]["recall_old_at_1pct_fpr"]),
         "unseen_institutions_new_scenario_recall": unseen["c_retrained"]["recall_at_threshold"],
         "unseen_institutions_new_scenario_recall_static": unseen["a_static"]["recall_at_threshold"],
         "precision_static_after": after["a_static"]["precision_macro"],
@@ -400,7 +401,8 @@ def evaluate(scored: dict[int, dict[str, dict[str, tuple[np.ndarray, ...]]]], da
                       "recall_old_at_threshold": every["recall_old_at_threshold"],
                       "precision_macro": float(np.nanmean(per_inst))}
         weekly.append(row)
-    return {"pre_drift": {"auprc_affected_all_fraud": pre_aff["auprc_all"], "auprc_all_institutions": pre_all["auprc_all"],
+    return {"pre_drift": {"auprc_affected_all_fraud": pre_aff["auprc_all"],
+                          "auprc_all_institutions": pre_all["auprc_all"],
                           "recall_old_at_1pct_fpr": pre_all["recall_old_at_1pct_fpr"],
                           "precision_micro": pre_all["precision"]},
             "after": after, "weekly": weekly}
@@ -424,7 +426,8 @@ def unseen_recall(probe: dict[str, SyntheticInstitution], models: dict[str, Glob
 
 
 LABELS = {"a_static": "(a) static", "b_recalibrated": "(b) recalibrated threshold",
-          "c_retrained": "(c) retrained, anti-forgetting", "d_retrained_no_antiforgetting": "(d) retrained, no anti-forgetting"}
+          "c_retrained": "(c) retrained, anti-forgetting",
+          "d_retrained_no_antiforgetting": "(d) retrained, no anti-forgetting"}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -493,7 +496,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Detectors: delay (days after the drift) and false alarms on stationary data",
         "",
-        "| detector | " + " | ".join(f"delay {n}" for n in (*AFFECTED, SHIFTED)) + " | false-alarm rate (alarms/tests) |",
+        "| detector | " + " | ".join(f"delay {n}" for n in (*AFFECTED, SHIFTED))
+        + " | false-alarm rate (alarms/tests) |",
         "|---|" + "---|" * (len(AFFECTED) + 2),
     ]
     for d, delays in s["detection_delay"].items():

@@ -1,4 +1,4 @@
-"""Drift-triggered retraining: votes from k institutions over a real Mosquitto, then a round set from the current model."""
+"""Drift-triggered retraining: k institutions vote over a real Mosquitto; a round set starts from the current model."""
 
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def _start_model(rng: np.random.Generator) -> GlobalModel:
     model = build_model("mlp", 4, hidden=(16,), seed=0)
     start = GlobalModel(params=get_parameters(model), standardizer=std, threshold=0.5, hidden=(16,), version="1")
     data = {"a": LocalData(X=X, y=y, X_val=X[:1000], y_val=y[:1000])}
-    return federated_retrain(data, start=start, config=RetrainConfig(rounds=3, local_epochs=3, lr=1e-2,
-                                                                    proximal_mu=0.0, rehearsal=False), version="1").model
+    cfg = RetrainConfig(rounds=3, local_epochs=3, lr=1e-2, proximal_mu=0.0, rehearsal=False)
+    return federated_retrain(data, start=start, config=cfg, version="1").model
 
 
 def test_retraining_learns_the_new_pattern_and_rehearsal_keeps_the_old() -> None:
@@ -147,3 +147,36 @@ def test_trigger_refuses_bad_broker_urls_and_unreachable_brokers() -> None:
         RetrainTrigger("http://x:1", on_trigger=lambda d: None)
     with pytest.raises(ConfigError, match="cannot reach the MQTT broker"):
         RetrainTrigger("mqtt://127.0.0.1:1", on_trigger=lambda d: None).start(timeout=2)
+
+
+def test_coordinator_round_set_starts_from_the_deployed_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The real Coordinator (over the in-process Grid and the real ClientApp) continues from given weights."""
+    from consortium.data import FEATURE_NAMES, federate_institutions, generate_federation, save_split
+    from consortium.federation.client_app import build_client_app
+    from consortium.federation.config import FederationConfig
+    from consortium.federation.coordinator import Coordinator
+    from consortium.models import Standardizer
+    from consortium.registry import RunStore
+    from consortium.secagg.inprocess import InProcessGrid
+
+    fed = generate_federation(2, transactions_per_institution=1_500, seed=5, n_days=30)
+    split = federate_institutions({k: v.dataset for k, v in fed.items()}, seed=5)
+    root = save_split(split, tmp_path / "inst")
+    dirs = {node: {"data-path": str(root / name), "institution": name}
+            for node, name in zip((11, 22), split.names(), strict=True)}
+    d = len(FEATURE_NAMES)
+    deployed = get_parameters(build_model("mlp", d, hidden=(8,), seed=42))
+    std = Standardizer(mean=np.full(d, 0.5), std=np.full(d, 2.0))
+    cfg = FederationConfig(num_rounds=1, hidden=(8,), min_nodes=2, secure_aggregation=False, server_lr=1e-6,
+                           round_timeout=30, store_url=f"sqlite:///{tmp_path}/runs.db")
+    grid = InProcessGrid(build_client_app(disclose_eval_default=True), node_ids=[11, 22], node_configs=dirs,
+                         policy=lambda node, label: "deliver")
+    store = RunStore(cfg.store_url)
+    try:
+        result = Coordinator(cfg, store=store, initial_parameters=deployed, initial_standardizer=std).run(grid)
+    finally:
+        store.close()
+    fresh = get_parameters(build_model("mlp", d, hidden=(8,), seed=cfg.seed))
+    assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(result.params, deployed, strict=True))
+    assert not all(np.allclose(a, b, atol=1e-4) for a, b in zip(result.params, fresh, strict=True))
+    assert np.array_equal(result.standardizer.mean, std.mean)
