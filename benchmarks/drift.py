@@ -82,6 +82,8 @@ SPENDING = SpendingDrift(DRIFT_DAY, amount_multiplier=1.6, customer_share=0.5)
 RECENT_DAYS = 28
 EVAL_DAYS = 28
 PROXIMAL_MU = 0.01
+REHEARSAL_FRAUD = 1_500
+"""Earlier fraud rows each institution keeps for rehearsal (more dilutes the new pattern in short round sets)."""
 """Weight of the proximal term toward the previous model in (c)."""
 """'After the drift' metrics are taken over the last EVAL_DAYS of the horizon."""
 EPISODE_ROUND_SETS = 8
@@ -179,7 +181,7 @@ def run(quick: bool) -> dict[str, Any]:
             )
     recal = {n: ThresholdRecalibrator(target_alert_rate=max(ref_alert_rate[n], 1e-4), window=50_000, min_rows=500)
              for n in names}
-    buffers = {n: RehearsalBuffer(len(FEATURE_NAMES), fraud_capacity=4_000, legit_capacity=20_000,
+    buffers = {n: RehearsalBuffer(len(FEATURE_NAMES), fraud_capacity=REHEARSAL_FRAUD, legit_capacity=20_000,
                                   legit_sample_rate=0.05, seed=SEED + k) for k, n in enumerate(names)}
     for n, inst in fed.items():  # what each institution knew at deployment
         past = inst.between_days(TRAIN_START, REF_END)
@@ -196,6 +198,7 @@ def run(quick: bool) -> dict[str, Any]:
     # day -> strategy -> institution -> (scores, y, scenario, alerts)
     scored: dict[int, dict[str, dict[str, tuple[np.ndarray, ...]]]] = {}
     days = list(range(TRAIN_END + 14, sz.end_day))
+    drift_reports: list[dict[str, Any]] = []
     adwin_perf_seen = {n: 0 for n in names}
     ph_perf_seen = {n: 0 for n in names}
 
@@ -260,6 +263,8 @@ def run(quick: bool) -> dict[str, Any]:
         for n in names:
             msgs, publishers[n].messages = publishers[n].messages, []
             for msg in msgs:
+                if isinstance(msg, DriftReport) and msg.status == "drift":
+                    drift_reports.append({"day": msg.ts / DAY_S, "institution": n, "agent_detectors": method_of(msg)})
                 if isinstance(msg, DriftReport) and trigger_day is None and votes.add(msg) is not None:
                     trigger_day = day + 1
                     logger.info("drift confirmed on day %d at %s", trigger_day, list(votes.decisions[-1].institutions))
@@ -313,6 +318,7 @@ def run(quick: bool) -> dict[str, Any]:
         "precision_recalibrated_after_shifted_institution":
             after["b_recalibrated"]["precision_by_institution"][SHIFTED],
         "trigger_day": trigger_day,
+        "trigger_institutions": list(votes.decisions[0].institutions) if votes.decisions else [],
         "retrain_days": retrain_days,
     }
     return {
@@ -331,10 +337,19 @@ def run(quick: bool) -> dict[str, Any]:
         "after": after,
         "unseen": unseen,
         "weekly": result["weekly"],
+        "drift_reports": drift_reports,
         "timing": {"initial_training_s": train_seconds, "retraining_s": retrain_seconds,
                    "total_s": time.perf_counter() - t_start},
         "label_counts": {n: monitors[n]["adwin"].summary()["labels"] for n in names},
     }
+
+
+def method_of(report: DriftReport) -> str:
+    """Which evidence a drift report carries: a performance detector (sent at once), or a window's test."""
+    st = report.statistics
+    if "feature.n_rows" not in st:
+        return "performance"
+    return "window: features" if st.get("feature.n_drifted", 0) else "window: scores or performance"
 
 
 def _rel_drop(before: float, after: float) -> float:
@@ -473,7 +488,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Quick mode: {result['quick']}. New scenario `account_takeover` ({NEW_RATE:.0%} of transactions) at "
         f"{', '.join(AFFECTED)} from day {DRIFT_DAY}; {SHIFTED}: {SPENDING.customer_share:.0%} of customers spend "
         f"{SPENDING.amount_multiplier}x from day {DRIFT_DAY}; {', '.join(STATIONARY)} stationary. Labels arrive "
-        f"{LABEL_DELAY_DAYS} days late. Drift confirmed (k=2) on day {s['trigger_day']}; retraining round sets on "
+        f"{LABEL_DELAY_DAYS} days late. Drift confirmed (k=2) on day {s['trigger_day']} at "
+        f"{', '.join(s['trigger_institutions'])}; retraining round sets on "
         f"days {s['retrain_days']}; 'after' = days {result['setup']['eval_from_day']}-{result['setup']['end_day']}.",
         "",
         "## Targets",
