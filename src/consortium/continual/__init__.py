@@ -10,6 +10,8 @@
 * :mod:`.trigger` — :class:`DriftVotes`, :class:`RetrainTrigger` (MQTT, k institutions).
 * :mod:`.rehearsal`, :mod:`.retrain`, :mod:`.orchestrate` — retraining from the current
   model without forgetting, and the service the trigger calls.
+* :mod:`.ota` — :class:`RegistryPublisher`, the OTA hook (signed bundle, registry, announcement);
+  imported from its module (it pulls in the registry's exporter).
 
 See docs/continual.md.
 """

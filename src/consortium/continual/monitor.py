@@ -142,7 +142,7 @@ class DriftMonitor:
     def observe(self, features: np.ndarray, score: float) -> None:
         """Add one scored row (called by the agent per row; never raises)."""
         try:
-            row = np.asarray(features, dtype=np.float64).reshape(-1)
+            row = np.array(features, dtype=np.float64).reshape(-1)  # a copy: the agent reuses its buffer
             ok = row.size == self.features.n_features and bool(np.isfinite(row).all()) and math.isfinite(score)
         except (TypeError, ValueError):
             ok = False
