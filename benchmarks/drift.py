@@ -82,11 +82,13 @@ SPENDING = SpendingDrift(DRIFT_DAY, amount_multiplier=1.6, customer_share=0.5)
 RECENT_DAYS = 28
 EVAL_DAYS = 28
 PROXIMAL_MU = 0.01
-REHEARSAL_FRAUD = 1_500
+REHEARSAL_FRAUD = 1_000
 """Earlier fraud rows each institution keeps for rehearsal (more dilutes the new pattern in short round sets)."""
 """Weight of the proximal term toward the previous model in (c)."""
 """'After the drift' metrics are taken over the last EVAL_DAYS of the horizon."""
 EPISODE_ROUND_SETS = 8
+VOTE_WINDOW_DAYS = 7
+"""A drift vote counts for a week (one weekly window); institutions re-vote while drift persists."""
 DAY_S = 86_400.0
 STRATEGIES = ("a_static", "b_recalibrated", "c_retrained", "d_retrained_no_antiforgetting")
 
@@ -186,7 +188,7 @@ def run(quick: bool) -> dict[str, Any]:
     for n, inst in fed.items():  # what each institution knew at deployment
         past = inst.between_days(TRAIN_START, REF_END)
         buffers[n].add(past.dataset.X, past.dataset.y)
-    votes = DriftVotes(min_institutions=2, window_s=14 * DAY_S, cooldown_s=1e12)
+    votes = DriftVotes(min_institutions=2, window_s=VOTE_WINDOW_DAYS * DAY_S, cooldown_s=1e12)
 
     detectors = ("feature_psi_ks", "score_psi_ks", "performance_adwin", "performance_page_hinkley")
     detection = {d: Detection(first_day={n: None for n in names}) for d in detectors}

@@ -225,7 +225,7 @@ class DriftMonitor:
         out["labels"] = {"used": labels.labelled, "unknown_id": labels.unknown_ids,
                          "duplicate": labels.duplicate_labels, "invalid": labels.invalid_labels,
                          "evicted": labels.evicted}
-        out["performance_drift"] = self.labels.drift_active
+        out["performance_drift"] = self.labels.drift_active or (self._last is not None and self._last.performance_drift)
         if self.recalibrator is not None:
             out["recalibration"] = self.recalibrator.summary()
         if self._last_error:
@@ -270,7 +270,7 @@ class DriftMonitor:
             logger.warning("drift window not tested: %s", exc)
             return None
         self._windows += 1
-        perf = self.labels.drift_active
+        perf = self.labels.take_drift()
         levels = [_LEVEL[feat.status], _LEVEL[score.status], 2 if perf else 0]
         status = next(k for k, v in _LEVEL.items() if v == max(levels))
         stats = {**feat.statistics(prefix="feature."), **score.statistics(prefix="score."),

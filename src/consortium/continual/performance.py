@@ -187,6 +187,15 @@ class DelayedLabelMonitor:
                 self.drift_active = True
                 logger.info("performance drift on %s after %d observations (%s)", name, stream.n, self.method)
 
+    def take_drift(self) -> bool:
+        """Whether a (rising) detection happened since the last call; clears the flag.
+
+        The monitor calls this once per window, so one detection marks one window
+        as drifted instead of latching every later window.
+        """
+        active, self.drift_active = self.drift_active, False
+        return active
+
     def detections(self) -> dict[str, int]:
         """Number of (rising) detections per stream so far."""
         return {s: st.detections for s, st in self._streams.items()}
