@@ -126,7 +126,9 @@ def test_trigger_over_mosquitto_starts_retraining_once_k_institutions_report() -
         now = time.time()
         client.publish(agent_topic(insts[0], "edge-1", "drift"), _report(insts[0], "drift", now).to_json(), qos=1)
         client.publish(agent_topic(insts[0], "edge-1", "drift"), b"{not json", qos=1).wait_for_publish(5)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while trigger.received + trigger.invalid < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not done.is_set() and trigger.votes.voting() == (insts[0],)  # one institution is not enough
         client.publish(agent_topic(insts[1], "edge-1", "drift"), _report(insts[1], "drift", now + 1).to_json(),
                        qos=1).wait_for_publish(5)
