@@ -100,3 +100,46 @@ def test_drift_at_two_institutions_retrains_and_publishes_a_bundle(tmp_path: Pat
     assert bundle.manifest.thresholds["default"] == pytest.approx(service.current.threshold)
     assert announcements and announcements[-1].model_version == "2" and announcements[-1].sha256 == entry.sha256
     store.close()
+
+
+def test_the_edge_agent_runs_the_drift_monitor(tmp_path: Path) -> None:
+    """Contract §3: the real EdgeAgent calls observe() per row, puts summary() into telemetry, uses threshold()."""
+    from consortium.continual import ThresholdRecalibrator
+    from consortium.edge import messages as m
+    from consortium.edge.agent import EdgeAgent
+    from consortium.edge.model import ActiveModel
+    from consortium.edge.testing import Collector, feature_names, mlp_onnx, mlp_weights, signed_bundle
+    from consortium.registry.bundle import read_bundle
+
+    d = 6
+    names = feature_names(d)
+    inst = f"bank-{uuid.uuid4().hex[:8]}"
+    key = Ed25519PrivateKey.generate()
+    bundle = read_bundle(signed_bundle(mlp_onnx(mlp_weights(d, (8,), seed=1)), version="v1", private_key=key,
+                                       names=names, threshold=0.6), public_key=key.public_key())
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(1000, d)) * 2
+    pub = MqttPublisher(BROKER, institution=inst, agent="agent-1", outbox_path=tmp_path / "outbox.db").start()
+    monitor = DriftMonitor(ref, rng.random(1000), feature_names=names, institution=inst, agent="agent-1",
+                           model_version="v1", window=300, threshold=0.6, publisher=pub,
+                           recalibrator=ThresholdRecalibrator(target_alert_rate=0.05, min_rows=200))
+    sink = Collector(BROKER, m.subscription(institution=inst))
+    agent = EdgeAgent(ActiveModel.from_bundle(bundle), institution=inst, agent="agent-1", publisher=pub,
+                      telemetry_interval=60, monitor=monitor).start()
+    try:
+        X = rng.normal(size=(600, d)) * 2
+        X[300:, 0] += 4.0  # the second window has shifted
+        for i, x in enumerate(X):
+            agent.score_row({"transaction_id": f"tx{i}", **{n: float(v) for n, v in zip(names, x, strict=True)}})
+        agent.emit_telemetry()
+        assert sink.wait_for(lambda s: s.of_kind(m.Telemetry) and len(s.of_kind(m.DriftReport)) >= 2)
+        tel = sink.of_kind(m.Telemetry)[-1]
+        assert tel.drift["status"] == "drift" and tel.drift["windows"] == 2  # type: ignore[attr-defined]
+        assert "f00" in tel.drift["drifted_features"]  # type: ignore[attr-defined]
+        assert tel.extra["threshold"] == monitor.threshold(0.6) != 0.6  # type: ignore[attr-defined]
+        assert sink.wait_for(
+            lambda s: "drift_detected" in [e.event for e in s.of_kind(m.Event)])  # type: ignore[attr-defined]
+    finally:
+        agent.stop()
+        pub.stop()
+        sink.close()
