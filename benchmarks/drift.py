@@ -99,12 +99,16 @@ class Sizes:
     end_day: int
     initial_rounds: int
     retrain_rounds: int
+    retrain_epochs: int
+    episode_round_sets: int
 
 
 def sizes(quick: bool) -> Sizes:
     if quick:
-        return Sizes(tx_per_120_days=40_000, end_day=161, initial_rounds=4, retrain_rounds=2)
-    return Sizes(tx_per_120_days=100_000, end_day=189, initial_rounds=10, retrain_rounds=4)
+        return Sizes(tx_per_120_days=25_000, end_day=154, initial_rounds=3, retrain_rounds=1, retrain_epochs=1,
+                     episode_round_sets=3)
+    return Sizes(tx_per_120_days=100_000, end_day=189, initial_rounds=10, retrain_rounds=4, retrain_epochs=2,
+                 episode_round_sets=EPISODE_ROUND_SETS)
 
 
 def generate(sz: Sizes, *, unseen_probe: bool) -> dict[str, SyntheticInstitution]:
@@ -270,13 +274,13 @@ def run(quick: bool) -> dict[str, Any]:
                 if isinstance(msg, DriftReport) and trigger_day is None and votes.add(msg) is not None:
                     trigger_day = day + 1
                     logger.info("drift confirmed on day %d at %s", trigger_day, list(votes.decisions[-1].institutions))
-        due = trigger_day is not None and len(retrain_days) < EPISODE_ROUND_SETS and \
+        due = trigger_day is not None and len(retrain_days) < sz.episode_round_sets and \
             day + 1 >= trigger_day + 7 * len(retrain_days)
         if due:
             retrain_days.append(day + 1)
             labelled_until = day + 1 - LABEL_DELAY_DAYS
             for s, anti in (("c_retrained", True), ("d_retrained_no_antiforgetting", False)):
-                cfg = RetrainConfig(rounds=sz.retrain_rounds, local_epochs=2, lr=3e-3,
+                cfg = RetrainConfig(rounds=sz.retrain_rounds, local_epochs=sz.retrain_epochs, lr=3e-3,
                                     proximal_mu=PROXIMAL_MU if anti else 0.0,
                                     rehearsal=anti, seed=SEED + len(retrain_days))
                 data = {n: local_data(i, labelled_until - RECENT_DAYS, labelled_until, 7,
@@ -331,7 +335,7 @@ def run(quick: bool) -> dict[str, Any]:
                   "drift_day": DRIFT_DAY, "end_day": sz.end_day, "new_scenario_rate": NEW_RATE,
                   "spending_multiplier": SPENDING.amount_multiplier, "spending_share": SPENDING.customer_share,
                   "label_delay_days": LABEL_DELAY_DAYS, "recent_days": RECENT_DAYS,
-                  "episode_round_sets": EPISODE_ROUND_SETS, "eval_from_day": eval_from,
+                  "eval_from_day": eval_from,
                   "rows": {n: i.dataset.n_rows for n, i in fed.items()}, **sz.__dict__},
         "summary": summary,
         "false_alarms_detail": fa_detail,
