@@ -103,6 +103,12 @@ class Coordinator:
         Called with each :class:`RoundReport` (progress bars, dashboards).
     holdout : Dataset, optional
         Global held-out split evaluated after every round (else ``config.holdout_path``).
+    initial_parameters : sequence of numpy.ndarray, optional
+        Start from these weights (e.g. the deployed global model, for a
+        drift-triggered round set) instead of a fresh initialisation.
+    initial_standardizer : Standardizer, optional
+        Keep this standardisation (the one ``initial_parameters`` were trained
+        on) instead of the freshly summed statistics.
     """
 
     def __init__(
@@ -113,8 +119,12 @@ class Coordinator:
         transport: Transport | None = None,
         on_round: RoundCallback | None = None,
         holdout: Dataset | None = None,
+        initial_parameters: Sequence[np.ndarray] | None = None,
+        initial_standardizer: Standardizer | None = None,
     ) -> None:
         self.config = config
+        self.initial_parameters = None if initial_parameters is None else [np.asarray(p) for p in initial_parameters]
+        self.initial_standardizer = initial_standardizer
         self.store = store
         self.transport = transport or create_transport(config)
         self.on_round = on_round
@@ -216,9 +226,11 @@ class Coordinator:
         names, feature_names, disclose = self.discover(grid, node_ids)
         node_ids = sorted(names)
         stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
-        standardizer = stats.standardizer()
+        standardizer = self.initial_standardizer or stats.standardizer()
         pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
         model = build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed)
+        if self.initial_parameters is not None:  # continue from a given model (checked layer by layer)
+            set_parameters(model, self.initial_parameters)
         params = get_parameters(model)
         optimizer = create_server_optimizer(cfg)
         institutions = tuple(names[n] for n in node_ids)
