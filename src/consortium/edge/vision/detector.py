@@ -64,8 +64,14 @@ def preprocess(frame: np.ndarray, size: int) -> np.ndarray:
     return (np.ascontiguousarray(rgb, dtype=np.float32) * np.float32(1 / 255.0))[None]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, highest score first."""
+def nms(boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float, contain_threshold: float = 1.0) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, highest score first.
+
+    A box is dropped when its IoU with a stronger kept box exceeds ``iou_threshold``
+    or when their intersection covers at least ``contain_threshold`` of the smaller
+    of the two (YOLO often adds a second box for part of a vehicle, or the whole
+    vehicle around a stronger part box).
+    """
     order = np.argsort(-scores, kind="stable")
     x1, y1, x2, y2 = boxes.T
     area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
@@ -78,7 +84,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float) -> np.nd
         h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
         inter = w * h
         iou = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
-        order = rest[iou <= iou_threshold]
+        inside = inter / np.maximum(np.minimum(area[i], area[rest]), 1e-9)
+        order = rest[(iou <= iou_threshold) & (inside < contain_threshold)]
     return np.array(keep, dtype=np.int64)
 
 
@@ -89,8 +96,14 @@ def postprocess(
     class_ids: Sequence[int],
     conf_threshold: float,
     iou_threshold: float,
+    contain_threshold: float = 0.8,
+    agnostic: bool = True,
 ) -> Detections:
-    """Decoded YOLO rows ``[cx, cy, w, h, obj, cls...]`` (fractions) → :class:`Detections` in pixels."""
+    """Decoded YOLO rows ``[cx, cy, w, h, obj, cls...]`` (fractions) → :class:`Detections` in pixels.
+
+    With ``agnostic`` (default) NMS runs across the kept classes: one vehicle seen
+    as both "car" and "truck" must be counted once.
+    """
     rows = raw.reshape(-1, raw.shape[-1])
     ids = np.asarray(class_ids, dtype=np.int64)
     obj = rows[:, 4]
@@ -110,9 +123,9 @@ def postprocess(
     xyxy = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
     xyxy = np.clip(xyxy, 0, [w, h, w, h]).astype(np.float32)
     chosen: list[np.ndarray] = []
-    for c in np.unique(cls):
-        idx = np.flatnonzero(cls == c)
-        chosen.append(idx[nms(xyxy[idx], conf[idx], iou_threshold=iou_threshold)])
+    groups = [np.arange(len(cls))] if agnostic else [np.flatnonzero(cls == c) for c in np.unique(cls)]
+    for idx in groups:
+        chosen.append(idx[nms(xyxy[idx], conf[idx], iou_threshold=iou_threshold, contain_threshold=contain_threshold)])
     sel = np.concatenate(chosen)
     sel = sel[np.argsort(-conf[sel], kind="stable")]
     return Detections(xyxy[sel], conf[sel].astype(np.float32), cls[sel])
