@@ -31,6 +31,7 @@ from typing import Any
 import click
 
 from consortium import __version__
+from consortium.edge.vision.commands import vision
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
 
@@ -419,6 +420,9 @@ def runs_show(run_id: str, store_url: str) -> None:
                        f"AUPRC {g.get('auprc', float('nan')):.4f}, ROC-AUC {g.get('roc-auc', float('nan')):.4f}")
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
+
+
+main.add_command(vision)  # issue 9 (moves under an `edge` group when that exists)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,7 +64,9 @@ def preprocess(frame: np.ndarray, size: int) -> np.ndarray:
     return (np.ascontiguousarray(rgb, dtype=np.float32) * np.float32(1 / 255.0))[None]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float, contain_threshold: float = 1.0) -> np.ndarray:
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float, contain_threshold: float | None = None
+) -> np.ndarray:
     """Indices kept by greedy non-maximum suppression, highest score first.
 
     A box is dropped when its IoU with a stronger kept box exceeds ``iou_threshold``
@@ -84,8 +86,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, *, iou_threshold: float, contain_
         h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
         inter = w * h
         iou = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
-        inside = inter / np.maximum(np.minimum(area[i], area[rest]), 1e-9)
-        order = rest[(iou <= iou_threshold) & (inside < contain_threshold)]
+        keep_rest = iou <= iou_threshold
+        if contain_threshold is not None:
+            keep_rest &= inter / np.maximum(np.minimum(area[i], area[rest]), 1e-9) < contain_threshold
+        order = rest[keep_rest]
     return np.array(keep, dtype=np.int64)
 
 
@@ -96,7 +100,7 @@ def postprocess(
     class_ids: Sequence[int],
     conf_threshold: float,
     iou_threshold: float,
-    contain_threshold: float = 0.8,
+    contain_threshold: float | None = 0.8,
     agnostic: bool = True,
 ) -> Detections:
     """Decoded YOLO rows ``[cx, cy, w, h, obj, cls...]`` (fractions) → :class:`Detections` in pixels.

