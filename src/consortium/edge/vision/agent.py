@@ -179,7 +179,7 @@ class VisionAgent:
                         (0, 255, 0), 1)
         if self._writer is None:
             h, w = canvas.shape[:2]
-            self._writer = cv2.VideoWriter(str(self.debug_video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h))
+            self._writer = cv2.VideoWriter(str(self.debug_video), cv2.VideoWriter.fourcc(*"MJPG"), 25, (w, h))
         self._writer.write(canvas)
 
     # ------------------------------------------------------------------ publishing

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,7 +83,7 @@ class Section:
     options: dict[str, str] = field(default_factory=dict)
     line: int = 0
 
-    def int(self, key: str, default: int | None = None) -> int:
+    def integer(self, key: str, default: int | None = None) -> int:
         """An integer option (a missing one without default is an error naming the section)."""
         if key not in self.options:
             if default is None:
@@ -173,7 +174,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(array, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], prefix: str, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], prefix: str, **attrs: Any) -> str:
         out = self.name(prefix)
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
@@ -212,7 +213,7 @@ def convert_darknet(
     sections = parse_cfg(cfg_path.read_text(), source=str(cfg_path))
     weights = _Weights(weights_path)
     g = _Graph()
-    channels = sections[0].int("channels", 3)
+    channels = sections[0].integer("channels", 3)
 
     outputs: list[str] = []  # ONNX tensor of each layer
     chans: list[int] = []  # channel count of each layer
@@ -222,9 +223,9 @@ def convert_darknet(
     for index, sec in enumerate(sections[1:]):
         where = f"[{sec.type}] layer {index} (line {sec.line})"
         if sec.type == "convolutional":
-            filters, k, stride = sec.int("filters"), sec.int("size"), sec.int("stride", 1)
-            pad = k // 2 if sec.int("pad", 0) else sec.int("padding", 0)
-            bn = sec.int("batch_normalize", 0)
+            filters, k, stride = sec.integer("filters"), sec.integer("size"), sec.integer("stride", 1)
+            pad = k // 2 if sec.integer("pad", 0) else sec.integer("padding", 0)
+            bn = sec.integer("batch_normalize", 0)
             bias = weights.take(filters, what=f"{where} biases").copy()
             if bn:
                 scale = weights.take(filters, what=f"{where} bn scales")
@@ -248,8 +249,8 @@ def convert_darknet(
                 raise DarknetError(f"{where}: activation {act!r} is not supported (leaky, linear).")
             x, c, s = y, filters, (s + 2 * pad - k) // stride + 1
         elif sec.type == "maxpool":
-            k, stride = sec.int("size"), sec.int("stride", 1)
-            total = sec.int("padding", k - 1)
+            k, stride = sec.integer("size"), sec.integer("stride", 1)
+            total = sec.integer("padding", k - 1)
             # Darknet pads (size-1) cells in total, starting at -padding/2: for size 2 that is
             # one cell on the right and bottom only.
             begin = total // 2
@@ -260,7 +261,7 @@ def convert_darknet(
             )
             s = (s + total - k) // stride + 1
         elif sec.type == "upsample":
-            stride = sec.int("stride", 2)
+            stride = sec.integer("stride", 2)
             scales = g.const(np.array([1, 1, stride, stride], dtype=np.float32), "scales")
             x = g.op("Resize", [x, "", scales], "upsample", mode="nearest")
             s *= stride
@@ -291,7 +292,7 @@ def convert_darknet(
         raise DarknetError(f"{cfg_path}: no [yolo] layer, nothing to output.")
     out = g.op("Concat", heads, "heads", axis=1) if len(heads) > 1 else heads[0]
     g.nodes.append(helper.make_node("Identity", [out], [output_name], name="output"))
-    classes = sections[-1].int("classes")
+    classes = sections[-1].integer("classes")
     graph = helper.make_graph(
         g.nodes,
         "yolo_darknet",
@@ -312,7 +313,7 @@ def _yolo_head(g: _Graph, x: str, sec: Section, *, c: int, side: int, net_size: 
     """Decode one YOLO head in-graph to ``(1, side*side*anchors, 5 + classes)``."""
     mask = sec.ints("mask")
     anchors = np.array(sec.ints("anchors"), dtype=np.float32).reshape(-1, 2)
-    classes = sec.int("classes")
+    classes = sec.integer("classes")
     na, attrs = len(mask), 5 + classes
     if c != na * attrs:
         raise DarknetError(f"{where}: input has {c} channels, expected {na} anchors x {attrs} = {na * attrs}.")

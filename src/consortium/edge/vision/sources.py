@@ -171,7 +171,7 @@ class LiveSource(FrameSource):
                 with self._cond:
                     if self._latest is not None:
                         self.dropped += 1
-                    self._latest = (image, time.perf_counter())
+                    self._latest = (np.asarray(image), time.perf_counter())
                     self._cond.notify()
                 continue
             # stream ended or broke: reopen with back-off

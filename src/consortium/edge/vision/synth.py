@@ -138,7 +138,7 @@ def render(scenario: Scenario) -> Iterator[np.ndarray]:
 def write_video(scenario: Scenario, path: Path) -> Path:
     """Render ``scenario`` to an MJPG ``.avi`` at ``path`` (read back through the video-file source)."""
     path = Path(path)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), scenario.fps,
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), scenario.fps,
                              (scenario.width, scenario.height))
     if not writer.isOpened():
         raise DataError(f"Cannot write video {path} (OpenCV has no MJPG writer?).")
