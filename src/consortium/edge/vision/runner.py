@@ -14,9 +14,18 @@ from consortium.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def open_publisher(broker_url: str, *, institution: str, agent: str, outbox: Path) -> MqttPublisher:
-    """The edge agent's store-and-forward publisher, started, for ``app="vision"``."""
-    return MqttPublisher(broker_url, institution=institution, agent=agent, outbox_path=outbox, app="vision").start()
+def open_publisher(broker_url: str, *, institution: str, agent: str, outbox: Path,
+                   synchronous: str = "NORMAL") -> MqttPublisher:
+    """The edge agent's store-and-forward publisher, started, for ``app="vision"``.
+
+    The outbox defaults to SQLite ``synchronous=NORMAL`` (WAL): it survives a
+    process kill but may lose the last commits on power loss.  Counts are
+    periodic aggregates, and an fsync per message costs ~15 ms of frame → count
+    latency on this machine (see ``benchmarks/results/vision.md``); pass
+    ``"FULL"`` for power-loss durability.
+    """
+    return MqttPublisher(broker_url, institution=institution, agent=agent, outbox_path=outbox, app="vision",
+                         synchronous=synchronous).start()
 
 
 def build_agent(
