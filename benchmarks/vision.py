@@ -156,7 +156,8 @@ def frame_to_mqtt(scenario: Scenario, video: Path, size: int, *, synchronous: st
     lat = [a - c for a, c in zip(arrivals[:n], summary.published_frames[:n], strict=True)]
     handoff = summary.publish_latency_s
     return {
-        "size": size, "outbox_synchronous": synchronous, "messages": len(summary.published_frames), "received": len(arrivals),
+        "size": size, "outbox_synchronous": synchronous,
+        "messages": len(summary.published_frames), "received": len(arrivals),
         "frame_to_mqtt_ms": quantiles_ms(lat),
         "frame_to_publish_call_ms": quantiles_ms(handoff),
         "count_error": row["count_error"], "frame_total_ms": row["stages_ms"]["total"],
@@ -234,7 +235,8 @@ def main() -> None:
     result = {
         "benchmark": "vision", "quick": args.quick, "frames": frames, "environment": environment(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "summary": summary, "targets_met": targets, "pipelines": rows, "frame_to_mqtt": mqtt_row, "frame_to_mqtt_outbox_full": mqtt_full,
+        "summary": summary, "targets_met": targets, "pipelines": rows, "frame_to_mqtt": mqtt_row,
+        "frame_to_mqtt_outbox_full": mqtt_full,
     }
     lines = [
         "# Edge vision benchmark (issue 9)", "",
