@@ -9,6 +9,7 @@ Subcommands::
     consortium coordinator              the coordinator (Flower SuperLink + ServerApp)
     consortium node                     one institution (Flower SuperNode + ClientApp)
     consortium runs list | show         what the run store holds
+    consortium dashboard                the live dashboard (federation, privacy, models, fleet, alerts)
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -420,6 +421,10 @@ def runs_show(run_id: str, store_url: str) -> None:
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
 
+
+from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
+
+main.add_command(_dashboard_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
