@@ -423,8 +423,10 @@ def runs_show(run_id: str, store_url: str) -> None:
 
 
 from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
+from consortium.edge.commands import edge  # noqa: E402
 
 main.add_command(_dashboard_command)
+main.add_command(edge)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
