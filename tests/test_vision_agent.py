@@ -224,13 +224,13 @@ def test_store_and_forward_while_the_broker_is_down(private_broker, tmp_path: Pa
 
 def test_cli_runs_the_fallback_and_reports_bad_sources(video: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(main, ["vision", "run", "--source", str(video), "--line", "crossing:320,0,320,360",
+    result = runner.invoke(main, ["edge", "vision", "run", "--source", str(video), "--line", "crossing:320,0,320,360",
                                   "--json"])
     assert result.exit_code == 0, result.output
     assert '"mode": "fallback"' in result.output and '"frames": 150' in result.output
-    bad = runner.invoke(main, ["vision", "run", "--source", str(tmp_path / "nope.mp4"), "--line", "a:0,0,1,1"])
+    bad = runner.invoke(main, ["edge", "vision", "run", "--source", str(tmp_path / "nope.mp4"), "--line", "a:0,0,1,1"])
     assert bad.exit_code == 2 and "does not exist" in bad.output
-    bad_line = runner.invoke(main, ["vision", "run", "--source", str(video), "--line", "a:0,0,1"])
+    bad_line = runner.invoke(main, ["edge", "vision", "run", "--source", str(video), "--line", "a:0,0,1"])
     assert bad_line.exit_code == 2 and "x1,y1,x2,y2" in bad_line.output
     with pytest.raises(SourceError, match="holds no images"):
         open_source(str(tmp_path))

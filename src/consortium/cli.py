@@ -9,6 +9,7 @@ Subcommands::
     consortium coordinator              the coordinator (Flower SuperLink + ServerApp)
     consortium node                     one institution (Flower SuperNode + ClientApp)
     consortium runs list | show         what the run store holds
+    consortium dashboard                the live dashboard (federation, privacy, models, fleet, alerts)
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -422,8 +423,12 @@ def runs_show(run_id: str, store_url: str) -> None:
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
 
 
-main.add_command(vision)  # issue 9 (moves under an `edge` group when that exists)
+from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
+from consortium.edge.commands import edge  # noqa: E402
 
+edge.add_command(vision)  # issue 9: `consortium edge vision ...`
+main.add_command(_dashboard_command)
+main.add_command(edge)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -49,7 +49,7 @@ class ActiveModel:
     def from_bundle(cls, bundle: Any, *, intra_op_threads: int = 1) -> ActiveModel:
         """Serve a verified :class:`~consortium.registry.bundle.Bundle` (signature already checked)."""
         manifest = bundle.manifest
-        names = [f["name"] for f in manifest.features]
+        names = list(manifest.feature_names)
         if "default" not in manifest.thresholds:
             raise ConfigError(
                 f"Bundle {manifest.model_version!r} has no 'default' threshold "

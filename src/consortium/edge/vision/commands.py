@@ -1,9 +1,9 @@
-"""``consortium vision``: build the detector bundle and run the vision edge agent.
+"""``consortium edge vision``: build the detector bundle and run the vision edge agent.
 
 ::
 
-    consortium vision bundle --key coordinator.key --out detector.bundle [--size 320]
-    consortium vision run --source video.mp4|0|rtsp://...|frames/ --line main:0,200,640,200 \\
+    consortium edge vision bundle --key coordinator.key --out detector.bundle [--size 320]
+    consortium edge vision run --source video.mp4|0|rtsp://...|frames/ --line main:0,200,640,200 \\
         [--bundle detector.bundle --public-key coordinator.key.pub] [--broker mqtt://127.0.0.1:1883]
 
 Without ``--bundle`` the agent runs the no-model fallback (background
