@@ -234,3 +234,47 @@ def test_cli_runs_the_fallback_and_reports_bad_sources(video: Path, tmp_path: Pa
     assert bad_line.exit_code == 2 and "x1,y1,x2,y2" in bad_line.output
     with pytest.raises(SourceError, match="holds no images"):
         open_source(str(tmp_path))
+
+
+def test_dashboard_traffic_panel_shows_the_counts(onnx320: bytes, scenario: Scenario, video: Path,
+                                                 tmp_path: Path) -> None:
+    """Vision agent → shared Mosquitto → dashboard ingest → /api/traffic → Traffic panel in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    from consortium.dashboard.server import start_dashboard
+
+    institution = f"vis{uuid.uuid4().hex[:8]}"
+    with start_dashboard(f"sqlite:///{tmp_path / 'dash.sqlite'}", broker_url=SHARED_BROKER, port=0) as dash:
+        publisher = MqttPublisher(SHARED_BROKER, institution=institution, agent="cam1",
+                                  outbox_path=tmp_path / "outbox.sqlite", app="vision").start()
+        try:
+            summary = detector_agent(onnx320, scenario, publisher, institution=institution).run(
+                open_source(str(video)))
+            assert publisher.wait_delivered(timeout=20)
+        finally:
+            publisher.stop()
+        expected: dict[str, int] = {}
+        for dirs in summary.totals.values():
+            for classes in dirs.values():
+                for cls, n in classes.items():
+                    expected[cls] = expected.get(cls, 0) + n
+        intervals = int(np.ceil(scenario.frames / scenario.fps / 2.0))
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(dash.url)
+                for cls in expected:
+                    page.wait_for_selector(f'#plot-traffic g.series[data-series="{institution}/cam1 {cls}"]',
+                                           timeout=20_000)
+                shown: dict[str, float] = {}
+                for cls in expected:
+                    titles = page.locator(
+                        f'#plot-traffic g.series[data-series="{institution}/cam1 {cls}"] title').all_text_contents()
+                    shown[cls] = sum(float(t.rsplit(":", 1)[1]) for t in titles)
+                note = page.locator("#traffic-note").text_content() or ""
+            finally:
+                browser.close()
+    assert shown == {cls: float(n) for cls, n in expected.items()}
+    assert sum(expected.values()) == sum(scenario.expected().values())
+    assert int(note.split()[0]) >= intervals
