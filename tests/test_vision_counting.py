@@ -117,3 +117,28 @@ def test_bad_configuration_is_refused_with_a_clear_message() -> None:
     with pytest.raises(ConfigError, match="'end' parameter"):
         CountingLine("a", (1, 1), (1, 1))
     assert CountingLine.parse("n:0,1,2,3") == CountingLine("n", (0.0, 1.0), (2.0, 3.0))
+
+
+def test_zone_counts_entries_and_exits_per_class() -> None:
+    from consortium.edge.vision.counting import CountingZone
+
+    zone = CountingZone.parse("box:200,100,440,100,440,300,200,300")
+    counter = TrafficCounter([zone], NAMES)
+    paths = [
+        (CAR, [(x, 200) for x in np.linspace(50, 600, 40)]),  # through: enters and leaves
+        (BUS, [(x, 150) for x in np.linspace(50, 320, 30)]),  # enters and stays
+        (TRUCK, [(x, 350) for x in np.linspace(50, 600, 40)]),  # passes below, never inside
+    ]
+    run(counter, frames(paths))
+    assert counter.totals == {"box": {"in": {"bus": 1, "car": 1}, "out": {"car": 1}}}
+    with pytest.raises(ConfigError, match=">= 3 corners"):
+        CountingZone.parse("z:0,0,1,1")
+
+
+def test_zone_keeps_state_through_an_occlusion() -> None:
+    from consortium.edge.vision.counting import CountingZone
+
+    counter = TrafficCounter([CountingZone("box", ((200, 100), (440, 100), (440, 300), (200, 300)))], NAMES)
+    path = [(x, 200) for x in np.linspace(50, 350, 40)]
+    run(counter, frames([(CAR, path)], hidden={0: range(15, 24)}))  # hidden while entering
+    assert counter.totals == {"box": {"in": {"car": 1}}}

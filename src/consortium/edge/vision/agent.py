@@ -28,7 +28,7 @@ import numpy as np
 import supervision as sv
 
 from consortium.edge import messages as m
-from consortium.edge.vision.counting import Counts, TrafficCounter
+from consortium.edge.vision.counting import CountingLine, Counts, TrafficCounter
 from consortium.edge.vision.detector import Detections
 from consortium.edge.vision.sources import Frame, FrameSource
 from consortium.errors import param_error
@@ -173,7 +173,10 @@ class VisionAgent:
     def _annotate(self, image: np.ndarray, tracked: sv.Detections) -> None:
         canvas = image.copy()
         for line in self.counter.lines:
-            cv2.line(canvas, tuple(map(int, line.start)), tuple(map(int, line.end)), (0, 255, 255), 2)
+            if isinstance(line, CountingLine):
+                cv2.line(canvas, tuple(map(int, line.start)), tuple(map(int, line.end)), (0, 255, 255), 2)
+            else:
+                cv2.polylines(canvas, [np.array(line.points, np.int32)], True, (0, 255, 255), 2)
         ids = tracked.tracker_id if tracked.tracker_id is not None else [None] * len(tracked)
         for box, tid in zip(tracked.xyxy.astype(int), ids, strict=True):
             cv2.rectangle(canvas, (box[0], box[1]), (box[2], box[3]), (0, 255, 0), 2)

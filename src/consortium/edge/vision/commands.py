@@ -63,8 +63,10 @@ def bundle_cmd(key_path: str, out_path: str, size: str, threshold: float) -> Non
 
 @vision.command("run")
 @click.option("--source", required=True, help="Video file, camera index, stream URL or image directory.")
-@click.option("--line", "lines", multiple=True, required=True,
+@click.option("--line", "lines", multiple=True,
               help="Counting line 'name:x1,y1,x2,y2' in frame pixels (repeatable).")
+@click.option("--zone", "zones", multiple=True,
+              help="Counting zone 'name:x1,y1,x2,y2,x3,y3[,...]' (polygon; in = entering, out = leaving).")
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Signed detector bundle (omit for the background-subtraction fallback).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -84,9 +86,9 @@ def bundle_cmd(key_path: str, out_path: str, size: str, threshold: float) -> Non
               help="Write an annotated video locally (never sent).")
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON.")
 @_friendly
-def run_cmd(source: str, lines: tuple[str, ...], bundle_path: str | None, public_key: str | None,
-            broker: str | None, institution: str, agent: str, outbox: str, outbox_sync: str, interval_s: float,
-            threads: int,
+def run_cmd(source: str, lines: tuple[str, ...], zones: tuple[str, ...], bundle_path: str | None,
+            public_key: str | None, broker: str | None, institution: str, agent: str, outbox: str, outbox_sync: str,
+            interval_s: float, threads: int,
             max_frames: int | None, debug_video: str | None, as_json: bool) -> None:
     """Count vehicles crossing the lines of SOURCE and publish the counts."""
     from consortium.edge.vision.runner import build_agent, open_publisher
@@ -97,7 +99,7 @@ def run_cmd(source: str, lines: tuple[str, ...], bundle_path: str | None, public
                                 synchronous=outbox_sync) if broker else None)
     try:
         vision_agent = build_agent(
-            lines=list(lines), bundle_path=bundle_path, public_key=public_key, publisher=publisher,
+            lines=list(lines), zones=list(zones), bundle_path=bundle_path, public_key=public_key, publisher=publisher,
             institution=institution, agent=agent, interval_s=interval_s, threads=threads, fps=frames.fps,
             debug_video=Path(debug_video) if debug_video else None,
         )

@@ -62,6 +62,67 @@ class CountingLine:
         return cls(name, (x1, y1), (x2, y2))
 
 
+@dataclass(frozen=True)
+class CountingZone:
+    """A named polygon (frame pixels): ``"in"`` counts tracks entering it, ``"out"`` tracks leaving it."""
+
+    name: str
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name, what="counting zone")
+        if len(self.points) < 3:
+            raise param_error("points", f"CountingZone {self.name!r}", "at least 3 (x, y) corners", self.points)
+
+    @classmethod
+    def parse(cls, spec: str) -> CountingZone:
+        """Parse ``"name:x1,y1,x2,y2,x3,y3[,...]"`` (the CLI form)."""
+        name, _, coords = spec.partition(":")
+        try:
+            values = [float(v) for v in coords.split(",")]
+        except ValueError:
+            values = []
+        if len(values) < 6 or len(values) % 2:
+            raise ConfigError(
+                f"A counting zone must look like 'name:x1,y1,x2,y2,x3,y3[,...]' (pixels, >= 3 corners). "
+                f"Got {spec!r} instead."
+            )
+        return cls(name, tuple(zip(values[::2], values[1::2], strict=True)))
+
+
+class _ZoneCounter:
+    """Entries into and exits from one polygon, per confirmed track (same occlusion patience as lines)."""
+
+    def __init__(self, zone: CountingZone, *, max_absent_frames: int) -> None:
+        self.zone = sv.PolygonZone(polygon=np.array(zone.points, dtype=np.int32),
+                                   triggering_anchors=(sv.Position.CENTER,))
+        self.max_absent_frames = max_absent_frames
+        self.state: dict[int, tuple[bool, int]] = {}  # tracker id -> (inside, frames absent)
+
+    def trigger(self, tracked: sv.Detections) -> tuple[np.ndarray, np.ndarray]:
+        entered = np.zeros(len(tracked), dtype=bool)
+        left = np.zeros(len(tracked), dtype=bool)
+        seen: set[int] = set()
+        if len(tracked) and tracked.tracker_id is not None:
+            inside = self.zone.trigger(tracked)
+            for i, (tid, now_in) in enumerate(zip(tracked.tracker_id, inside, strict=True)):
+                if tid < 0:
+                    continue  # unconfirmed track
+                tid = int(tid)
+                seen.add(tid)
+                before = self.state.get(tid)
+                if before is not None and before[0] != bool(now_in):
+                    entered[i], left[i] = bool(now_in), not bool(now_in)
+                self.state[tid] = (bool(now_in), 0)
+        for tid, (was_in, absent) in list(self.state.items()):
+            if tid not in seen:
+                if absent + 1 > self.max_absent_frames:
+                    del self.state[tid]
+                else:
+                    self.state[tid] = (was_in, absent + 1)
+        return entered, left
+
+
 class _PatientLineZone(sv.LineZone):
     """``supervision.LineZone`` that remembers a track's side while the track is occluded.
 
@@ -101,8 +162,9 @@ class TrafficCounter:
 
     Parameters
     ----------
-    lines : sequence of CountingLine
-        Where to count (at least one; names unique).
+    lines : sequence of CountingLine or CountingZone
+        Where to count (at least one; names unique).  A zone counts ``"in"`` when a
+        track enters the polygon and ``"out"`` when it leaves.
     class_names : list of str
         The detector's class names (``class_id`` → name in the counts).
     frame_rate : float
@@ -118,7 +180,7 @@ class TrafficCounter:
 
     def __init__(
         self,
-        lines: Sequence[CountingLine],
+        lines: Sequence[CountingLine | CountingZone],
         class_names: list[str],
         *,
         frame_rate: float = 25.0,
@@ -149,12 +211,14 @@ class TrafficCounter:
                 minimum_iou_threshold=0.1,
             )
         self.tracker = tracker
-        self._zones = [
+        self._zones: list[_PatientLineZone | _ZoneCounter] = [
             _PatientLineZone(
                 start=sv.Point(*line.start), end=sv.Point(*line.end), max_absent_frames=lost_frames,
                 triggering_anchors=(sv.Position.CENTER,),
                 minimum_crossing_threshold=min_crossing_frames,
             )
+            if isinstance(line, CountingLine)
+            else _ZoneCounter(line, max_absent_frames=lost_frames)
             for line in self.lines
         ]
         self._interval: defaultdict[tuple[str, str, str], int] = defaultdict(int)
@@ -171,10 +235,12 @@ class TrafficCounter:
             for zone in self._zones:
                 zone.trigger(sv.Detections.empty())
             return tracked
+        if tracked.class_id is None:
+            tracked.class_id = np.zeros(len(tracked), dtype=int)
         for line, zone in zip(self.lines, self._zones, strict=True):
             crossed_in, crossed_out = zone.trigger(tracked)
             for direction, crossed in (("in", crossed_in), ("out", crossed_out)):
-                for cid in tracked.class_id[crossed] if tracked.class_id is not None else []:
+                for cid in tracked.class_id[crossed]:
                     key = (line.name, direction, self._class(int(cid)))
                     self._interval[key] += 1
                     self._total[key] += 1

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from consortium.edge.publisher import MqttPublisher
 from consortium.edge.vision.agent import VisionAgent
-from consortium.edge.vision.counting import CountingLine, TrafficCounter
+from consortium.edge.vision.counting import CountingLine, CountingZone, TrafficCounter
 from consortium.edge.vision.fallback import FALLBACK_CLASSES, CentroidTracker, MotionDetector
 from consortium.errors import ConfigError
 
@@ -30,7 +31,8 @@ def open_publisher(broker_url: str, *, institution: str, agent: str, outbox: Pat
 
 def build_agent(
     *,
-    lines: list[str] | list[CountingLine],
+    lines: Sequence[str | CountingLine | CountingZone],
+    zones: Sequence[str] = (),
     bundle_path: str | Path | None,
     public_key: str | Path | bytes | None,
     publisher: MqttPublisher | None,
@@ -42,7 +44,12 @@ def build_agent(
     debug_video: Path | None = None,
 ) -> VisionAgent:
     """A detector agent when a bundle is given, else the labelled background-subtraction fallback."""
-    parsed = [line if isinstance(line, CountingLine) else CountingLine.parse(line) for line in lines]
+    parsed: list[CountingLine | CountingZone] = [
+        line if not isinstance(line, str) else CountingLine.parse(line) for line in lines
+    ]
+    parsed += [CountingZone.parse(zone) for zone in zones]
+    if not parsed:
+        raise ConfigError("Give at least one counting line (--line name:x1,y1,x2,y2) or zone (--zone name:x1,y1,...).")
     if bundle_path is not None:
         from consortium.edge.vision.model import load_detector
 
