@@ -8,6 +8,7 @@ port (never the shared one), stopped while the agent counts and started again.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -234,6 +235,29 @@ def test_cli_runs_the_fallback_and_reports_bad_sources(video: Path, tmp_path: Pa
     assert bad_line.exit_code == 2 and "x1,y1,x2,y2" in bad_line.output
     with pytest.raises(SourceError, match="holds no images"):
         open_source(str(tmp_path))
+
+
+def test_cli_builds_a_bundle_and_counts_with_it(video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from consortium.registry.signing import generate_signing_key
+
+    monkeypatch.setenv("CONSORTIUM_CACHE", str(tmp_path / "cache"))
+    key = generate_signing_key(tmp_path / "coordinator.key")
+    runner = CliRunner()
+    built = runner.invoke(main, ["edge", "vision", "bundle", "--key", str(key), "--out", str(tmp_path / "d.bundle")])
+    assert built.exit_code == 0, built.output
+    result = runner.invoke(main, [
+        "edge", "vision", "run", "--source", str(video), "--line", "crossing:320,0,320,360",
+        "--zone", "left:0,0,320,0,320,360,0,360", "--bundle", str(tmp_path / "d.bundle"),
+        "--public-key", f"{key}.pub", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["mode"] == "detector" and out["model_version"].startswith("yolov3-tiny-320-int8-")
+    assert {d: sum(c.values()) for d, c in out["totals"]["crossing"].items()} == {"in": 2, "out": 2}
+    # the zone is the left half: the two right-to-left vehicles enter it, the left-to-right ones leave it
+    assert sum(out["totals"]["left"]["in"].values()) == 2 and sum(out["totals"]["left"]["out"].values()) == 2
+    unsigned = runner.invoke(main, ["edge", "vision", "run", "--source", str(video), "--line", "a:0,0,1,1",
+                                    "--bundle", str(tmp_path / "d.bundle")])
+    assert unsigned.exit_code == 2 and "--public-key" in unsigned.output
 
 
 def test_dashboard_traffic_panel_shows_the_counts(onnx320: bytes, scenario: Scenario, video: Path,

