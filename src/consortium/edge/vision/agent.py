@@ -145,19 +145,36 @@ class VisionAgent:
         self.mode = mode
         self.interval_s = interval_s
         self.debug_video = debug_video
+        self.last_frame: np.ndarray | None = None
+        """The most recent frame (kept on the device; OTA updates shadow-run candidates on it)."""
         self._writer: cv2.VideoWriter | None = None
         self._window: list[FrameTiming] = []
         self._window_start: float | None = None
         self._window_wall = time.perf_counter()
         self._window_dropped = 0
 
+    def swap_detector(self, detector: Detector, model_version: str, *, mode: str = "detector") -> None:
+        """Serve ``detector`` from the next frame on (tracks and counts carry over).
+
+        A fallback agent that receives a detector starts naming classes by the detector's names.
+        """
+        names = getattr(detector, "class_names", None)
+        if names is not None:
+            self.counter.class_names = list(names)
+        self.detector, self.model_version, self.mode = detector, model_version, mode
+        set_version = getattr(self.publisher, "set_model_version", None)
+        if set_version is not None:
+            set_version(model_version)
+
     # ------------------------------------------------------------------ per frame
 
     def process(self, frame: Frame, *, decode_s: float = 0.0) -> tuple[sv.Detections, FrameTiming]:
         """Detect, track and count one frame."""
         timing = FrameTiming(decode=decode_s)
-        dets = self.detector.detect(frame.image)
-        times = getattr(self.detector, "times", None)
+        detector = self.detector  # one read: an OTA swap lands between frames
+        dets = detector.detect(frame.image)
+        self.last_frame = frame.image
+        times = getattr(detector, "times", None)
         if times is not None:
             timing.preprocess, timing.inference, timing.postprocess = (
                 times.preprocess, times.inference, times.postprocess)

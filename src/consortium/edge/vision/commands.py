@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from consortium.errors import ConsortiumError
+from consortium.errors import ConfigError, ConsortiumError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ def bundle_cmd(key_path: str, out_path: str, size: str, precision: str, threshol
               help="Durable outbox (store-and-forward while the broker is away).")
 @click.option("--outbox-sync", type=click.Choice(["NORMAL", "FULL"]), default="NORMAL", show_default=True,
               help="Outbox durability: NORMAL survives a process kill, FULL also power loss (fsync per message).")
+@click.option("--channel", default=None,
+              help="Follow over-the-air detector updates announced on consortium/models/CHANNEL "
+                   "(needs --broker and --public-key).")
 @click.option("--interval", "interval_s", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds per published counts interval (0: publish every crossing at once).")
 @click.option("--threads", type=click.IntRange(1, 16), default=1, show_default=True)
@@ -91,7 +94,7 @@ def bundle_cmd(key_path: str, out_path: str, size: str, precision: str, threshol
 @_friendly
 def run_cmd(source: str, lines: tuple[str, ...], zones: tuple[str, ...], bundle_path: str | None,
             public_key: str | None, broker: str | None, institution: str, agent: str, outbox: str, outbox_sync: str,
-            interval_s: float, threads: int,
+            channel: str | None, interval_s: float, threads: int,
             max_frames: int | None, debug_video: str | None, as_json: bool) -> None:
     """Count vehicles crossing the lines of SOURCE and publish the counts."""
     from consortium.edge.vision.runner import build_agent, open_publisher
@@ -106,7 +109,18 @@ def run_cmd(source: str, lines: tuple[str, ...], zones: tuple[str, ...], bundle_
             institution=institution, agent=agent, interval_s=interval_s, threads=threads, fps=frames.fps,
             debug_video=Path(debug_video) if debug_video else None,
         )
-        summary = vision_agent.run(frames, max_frames=max_frames)
+        updater = None
+        if channel is not None:
+            from consortium.edge.vision.ota import DetectorUpdater
+
+            if publisher is None or public_key is None:
+                raise ConfigError("--channel (over-the-air updates) needs --broker and --public-key.")
+            updater = DetectorUpdater(vision_agent, public_key=Path(public_key), channel=channel).start()
+        try:
+            summary = vision_agent.run(frames, max_frames=max_frames)
+        finally:
+            if updater is not None:
+                updater.stop()
     finally:
         frames.close()
         if publisher is not None:
