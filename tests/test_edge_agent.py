@@ -114,6 +114,8 @@ def test_alerts_and_telemetry(tmp_path: Path, keys: Any, names: tuple[str, str])
         for bad in (b"{oops", b"[1]", b'{"transaction_id": "x"}', b'{"transaction_id": "y", "f00": NaN}'):
             assert agent.score_line(bad) is None
         agent.score_row({**rows[0], "extra": 1.0})
+        agent.score_row({**rows[0], "f01": 1e39})  # beyond float32: refused by the scorer, not a model failure
+        agent.score_row({**rows[0], "f01": "1.5"})
         agent.emit_telemetry()
         assert sink.wait_for(lambda s: len(s.of_kind(m.Alert)) >= len(expected) and s.of_kind(m.Telemetry))
         alerts = sink.of_kind(m.Alert)
@@ -125,7 +127,8 @@ def test_alerts_and_telemetry(tmp_path: Path, keys: Any, names: tuple[str, str])
         tel = sink.of_kind(m.Telemetry)[-1]
         assert tel.scored == 400 and tel.alerts == len(expected)  # type: ignore[attr-defined]
         assert tel.invalid == {"malformed_json": 1, "not_object": 1,  # type: ignore[attr-defined]
-                               "missing_field": 2, "extra_field": 1}
+                               "missing_field": 2, "extra_field": 1, "overflow": 1, "wrong_type": 1}
+        assert agent.totals().rollbacks == 0
         assert set(tel.latency_us) >= {"p50", "p99"}  # type: ignore[attr-defined]
         assert sum(tel.score_histogram["counts"]) == 400  # type: ignore[attr-defined]
         assert tel.drift == {"status": "unknown"}  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consortium.edge.inputs import REASONS, InvalidInputError, RowParser
+from consortium.edge.inputs import FLOAT32_MAX, REASONS, InvalidInputError, RowParser
 from consortium.edge.messages import MAX_PAYLOAD_BYTES
 
 NAMES = ["amount", "hour", "velocity"]
@@ -27,10 +27,11 @@ _DROP = object()
 
 
 def test_valid_row_in_model_order() -> None:
-    tx = PARSER.parse_mapping({"velocity": 2.0, "hour": 1, "transaction_id": 7, "amount": 1e308})
-    assert tx.transaction_id == "7" and tx.values == [1e308, 1, 2.0]
-    big = PARSER.parse_mapping(_row(amount=1e308, hour=1e308))  # finite values whose sum overflows
-    assert big.values[:2] == [1e308, 1e308]
+    tx = PARSER.parse_mapping({"velocity": 2.0, "hour": True, "transaction_id": 7, "amount": 1e30})
+    assert tx.transaction_id == "7" and tx.values == (1e30, 1, 2.0)  # booleans are 0/1
+    with pytest.raises(InvalidInputError, match="float32") as info:
+        PARSER.parse_mapping(_row(amount=1e308, hour=1e308))  # finite in JSON, too large for the model
+    assert info.value.reason == "overflow"
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,8 @@ def test_valid_row_in_model_order() -> None:
         (_row(amount=_DROP), "missing_field"),
         (_row(extra=1.0), "extra_field"),
         (_row(amount="12.5"), "wrong_type"),
-        (_row(amount=True), "wrong_type"),
+        (_row(amount=1e39), "overflow"),
+        (_row(amount=10**400), "overflow"),
         (_row(amount=None), "wrong_type"),
         (_row(amount=[1]), "wrong_type"),
         (_row(hour=math.nan), "nan"),
@@ -75,8 +77,8 @@ def test_bad_lines_name_their_reason(line: bytes, reason: str) -> None:
 
 
 def test_csv_rows() -> None:
-    assert PARSER.parse_csv_row({"transaction_id": "a", "amount": "1", "hour": "2", "velocity": "3e1"}).values == [
-        1.0, 2.0, 30.0]
+    assert PARSER.parse_csv_row({"transaction_id": "a", "amount": "1", "hour": "2", "velocity": "3e1"}).values == (
+        1.0, 2.0, 30.0)
     for row, reason in [
         ({"transaction_id": "a", "amount": "x", "hour": "2", "velocity": "3"}, "wrong_type"),
         ({"transaction_id": "a", "amount": "", "hour": "2", "velocity": "3"}, "missing_field"),
@@ -104,7 +106,7 @@ def test_any_bytes_are_parsed_or_refused_with_a_known_reason(line: bytes) -> Non
         assert exc.reason in REASONS
         assert str(exc)
     else:
-        assert len(tx.values) == 3 and all(math.isfinite(v) for v in tx.values)
+        assert len(tx.values) == 3 and all(math.isfinite(v) for v in tx.values)  # noqa: PLR2004
 
 
 VALUE = st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.booleans() | st.text(max_size=3) | st.none()
@@ -120,7 +122,7 @@ def test_rows_are_accepted_exactly_when_well_formed(row: dict[str, Any]) -> None
         "other" not in row
         and "transaction_id" in row
         and str(row["transaction_id"]) != ""
-        and all(isinstance(row[n], int | float) and not isinstance(row[n], bool) and math.isfinite(row[n])
+        and all(isinstance(row[n], int | float) and math.isfinite(row[n]) and abs(row[n]) <= FLOAT32_MAX
                 for n in NAMES)
     )
     try:
@@ -129,7 +131,7 @@ def test_rows_are_accepted_exactly_when_well_formed(row: dict[str, Any]) -> None
         assert not ok, f"refused a good row: {exc}"
         assert exc.reason in REASONS
     else:
-        assert ok and tx.values == [row[n] for n in NAMES]
+        assert ok and tx.values == tuple(row[n] for n in NAMES)
 
 
 def test_oversized_limit_is_the_wire_limit() -> None:

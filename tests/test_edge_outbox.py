@@ -59,17 +59,18 @@ def test_bad_synchronous_is_a_clear_error(tmp_path: Path) -> None:
 _WRITER = """
 import sys
 from consortium.edge.outbox import Outbox
-box = Outbox(sys.argv[1])
+box = Outbox(sys.argv[1], synchronous=sys.argv[2])
 for i in range(100000):
     seq = box.put("t", b"payload-%d" % i)
     print(seq, flush=True)
 """
 
 
-def test_committed_messages_survive_sigkill(tmp_path: Path) -> None:
-    """Every seq the writer reported as committed is in the file after kill -9."""
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_committed_messages_survive_sigkill(tmp_path: Path, synchronous: str) -> None:
+    """Every seq the writer reported as committed is in the file after kill -9 (both durability modes)."""
     path = tmp_path / "o.db"
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), synchronous], stdout=subprocess.PIPE, text=True,
                             env={**os.environ})
     assert proc.stdout is not None
     reported = [int(proc.stdout.readline()) for _ in range(200)]

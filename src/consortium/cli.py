@@ -10,6 +10,8 @@ Subcommands::
     consortium node                     one institution (Flower SuperNode + ClientApp)
     consortium runs list | show         what the run store holds
     consortium dashboard                the live dashboard (federation, privacy, models, fleet, alerts)
+    consortium registry ...             signed model bundles and the model registry
+    consortium edge vision ...          count vehicles on an edge device, send only counts
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -35,6 +37,8 @@ from consortium import __version__
 from consortium.edge.vision.commands import vision
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
+from consortium.registry.commands import publish_after_run, publish_options
+from consortium.registry.commands import registry as registry_group
 
 DEFAULTS = FederationConfig()
 """Command-line defaults are the library's defaults."""
@@ -97,9 +101,11 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--store", "store_url", default=None, help="Run store URL (default: SQLite file in --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--broker", "broker_url", default=None,
+              help="MQTT broker for the edge step (mqtt://HOST:PORT; default: an in-process broker).")
 @_friendly_errors
 def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model: str, strategy: str,
-         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool) -> None:
+         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool, broker_url: str | None) -> None:
     """Five synthetic banks train one fraud model together, end to end.
 
     Generates the institutions, trains federated in Flower's simulation engine,
@@ -113,7 +119,7 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
         out = run_demo(
             out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
             model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
-            store_url=store_url, on_round=progress.update, on_stage=progress.stage,
+            store_url=store_url, on_round=progress.update, on_stage=progress.stage, broker_url=broker_url,
         )
     if as_json:
         click.echo(json.dumps(json.loads(out.json_path.read_text()), indent=2))
@@ -124,6 +130,13 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     click.echo(f"AUPRC per round: {out.plot}")
     click.echo(f"Full results:    {out.json_path}")
     click.echo(f"Run store:       {out.store_url}  (run {out.result.run.run_id})")
+    click.echo(f"Model bundle:    {out.bundle}")
+    if out.edge is not None:
+        e = out.edge
+        click.echo(f"Edge agent:      scored {e['scored']:,} holdout transactions, {e['alerts']:,} alerts "
+                   f"({e['alerts_received']:,} received over MQTT{', embedded broker' if e['embedded_broker'] else ''}"
+                   f"), {e['frauds_alerted']}/{e['frauds_in_stream']} frauds alerted, "
+                   f"p50 {e['latency_p50_us']:.0f} µs per transaction")
     click.echo(f"Finished in {out.seconds:.0f} s")
 
 
@@ -157,11 +170,12 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Keep institution data and results here (default: a temporary directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@publish_options
 @_friendly_errors
 def simulate(data_path: str, label_column: str, institutions: int, partition: str, alpha: float,
              transactions: int, rounds: int, local_epochs: int, lr: float, batch_size: int, model: str,
              strategy: str, loss: str, secure_aggregation: bool, baselines: bool, seed: int,
-             store_url: str, out_dir: str | None, as_json: bool) -> None:
+             store_url: str, out_dir: str | None, as_json: bool, **publish: Any) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.experiment import dump_json, run_experiment  # noqa: PLC0415
@@ -180,6 +194,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
         with RoundProgress(total=rounds, enabled=not as_json) as progress, RunStore(store_url) as store:
             result = run_experiment(split, config, work_dir=work, dataset_name=name, store=store,
                                     on_round=progress.update, baselines=baselines)
+            publish_after_run(store, run_id=result.run.run_id, **publish)
         if out_dir:
             dump_json(result.to_json(), work / "results.json")
     if as_json:
@@ -294,11 +309,12 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--store", "store_url", default="sqlite:///consortium.db", show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
+@publish_options
 @_friendly_errors
 def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
-                timeout: float) -> None:
+                timeout: float, **publish: Any) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
 
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
@@ -324,6 +340,11 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
     click.echo(f"Flower run {outcome.run_id}: {outcome.status}")
     if not outcome.succeeded:
         raise click.ClickException(f"The federated run did not complete: {outcome.status} {outcome.details}")
+    if publish["bundle_key"] is not None:
+        from consortium.registry import RunStore  # noqa: PLC0415
+
+        with RunStore(store_abs) as store:  # the ServerApp recorded the run here: publish its newest completed run
+            publish_after_run(store, run_id=None, **publish)
 
 
 @main.command()
@@ -422,6 +443,8 @@ def runs_show(run_id: str, store_url: str) -> None:
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
 
+
+main.add_command(registry_group)
 
 from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
 from consortium.edge.commands import edge  # noqa: E402

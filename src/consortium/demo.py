@@ -4,7 +4,8 @@
 volumes, fraud rates and fraud scenarios, trains federated for ten rounds in
 Flower's simulation engine (secure aggregation on), trains the local-only and
 centralized baselines on the same split, prints the comparison table and writes
-a PNG of AUPRC per round plus a JSON result.
+a PNG of AUPRC per round plus a JSON result, and exports the global model as a
+signed ONNX bundle in a model registry (``out/registry``, key in ``out/keys``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from consortium.data import federate_institutions, generate_federation
 from consortium.federation.config import FederationConfig
@@ -21,6 +23,7 @@ from consortium.federation.coordinator import RoundCallback
 from consortium.federation.experiment import ExperimentResult, dump_json, run_experiment
 from consortium.federation.plots import plot_auprc_per_round
 from consortium.registry import RunStore
+from consortium.registry.publish import publish_demo_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ class DemoOutput:
     json_path: Path
     store_url: str
     seconds: float
+    bundle: Path | None = None
+    """The run's model as a signed bundle (registered in ``out_dir/registry``, key in ``out_dir/keys``)."""
+    edge: dict[str, Any] | None = None
+    """What the edge agent did with the bundle on the holdout stream (see :mod:`consortium.edge.demo`)."""
 
 
 def run_demo(
@@ -49,6 +56,8 @@ def run_demo(
     store_url: str | None = None,
     on_round: RoundCallback | None = None,
     on_stage: Callable[[str], None] | None = None,
+    broker_url: str | None = None,
+    edge: bool = True,
 ) -> DemoOutput:
     """Generate data, train federated and baselines, write plot and JSON."""
     t0 = time.perf_counter()
@@ -74,6 +83,20 @@ def run_demo(
         result = run_experiment(
             split, config, work_dir=out / "work", dataset_name="synthetic", store=store, on_round=on_round
         )
+        stage("Exporting the global model as a signed ONNX bundle")
+        bundle = publish_demo_model(store, out_dir=out, run_id=result.run.run_id).entry.path
+    edge_result = None
+    if edge:
+        from consortium.edge.demo import run_edge_demo  # noqa: PLC0415
+        from consortium.registry.signing import load_public_key  # noqa: PLC0415
+
+        stage("Scoring the holdout stream with an edge agent over MQTT"
+              + (" (embedded broker)" if broker_url is None else f" ({broker_url})"))
+        edge_result = run_edge_demo(
+            bundle, public_key=load_public_key(out / "keys" / "bundle-signing.pem.pub"), X=split.holdout.X,
+            y=split.holdout.y, feature_names=list(split.holdout.feature_names), broker_url=broker_url,
+            outbox_dir=out / "edge",
+        ).to_json()
     s = result.summary()
     plot = plot_auprc_per_round(
         [int(c["round"]) for c in result.curve()],
@@ -84,5 +107,9 @@ def run_demo(
         title=f"Federated fraud model, {institutions} institutions (synthetic)",
     )
     seconds = time.perf_counter() - t0
-    json_path = dump_json({**result.to_json(), "plot": str(plot), "seconds": seconds}, out / "demo.json")
-    return DemoOutput(result=result, plot=plot, json_path=json_path, store_url=url, seconds=seconds)
+    json_path = dump_json(
+        {**result.to_json(), "plot": str(plot), "bundle": str(bundle), "edge": edge_result, "seconds": seconds},
+        out / "demo.json",
+    )
+    return DemoOutput(result=result, plot=plot, json_path=json_path, store_url=url, seconds=seconds, bundle=bundle,
+                      edge=edge_result)

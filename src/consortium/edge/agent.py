@@ -160,7 +160,7 @@ class EdgeAgent:
         self._active = model
         self._previous: ActiveModel | None = None
         self._threshold = self.monitor.threshold(model.threshold)
-        self._recent: collections.deque[list[float]] = collections.deque(maxlen=shadow_rows)
+        self._recent: collections.deque[tuple[float, ...]] = collections.deque(maxlen=shadow_rows)
         self._lock = threading.Lock()
         self._window = _Window(time.monotonic())
         self._totals = collections.Counter[str]()
@@ -232,12 +232,11 @@ class EdgeAgent:
         t0 = time.perf_counter_ns()
         active = self._active
         try:
-            tx = active.parser.parse_mapping(row)
+            values = active.parser.values(row)
+            score = active.scorer.score_values(values)
         except InvalidInputError as exc:
             self._count_invalid(exc.reason)
             return None
-        try:
-            score = active.scorer.score_values(tx.values)
         except Exception as exc:  # a model that fails at run time is rolled back
             self._model_failed(active, f"scoring raised {type(exc).__name__}: {exc}")
             return None
@@ -246,7 +245,7 @@ class EdgeAgent:
             return None
         if self._observe is not None:
             self._observe(active.scorer.row, score)
-        self._recent.append(tx.values)
+        self._recent.append(values)
         alert = score > self._threshold
         elapsed = time.perf_counter_ns() - t0
         with self._lock:
@@ -258,8 +257,9 @@ class EdgeAgent:
                 w.alerts += 1
         if alert and self.publisher is not None:
             self.publisher.publish(m.Alert(
-                msg_id="", institution=self.institution, agent=self.agent, transaction_id=tx.transaction_id,
-                score=score, threshold=self._threshold, model_version=active.version, ts=time.time(),
+                msg_id="", institution=self.institution, agent=self.agent,
+                transaction_id=str(row[active.parser.id_field]), score=score, threshold=self._threshold,
+                model_version=active.version, ts=time.time(),
             ))
         return score
 
@@ -297,11 +297,11 @@ class EdgeAgent:
                 break
             n += 1
             try:
-                tx = self._active.parser.parse_csv_row(row)
+                converted = self._active.parser.convert_csv_row(row)
             except InvalidInputError as exc:
                 self._count_invalid(exc.reason)
                 continue
-            self.score_row(_as_row(self._active.parser, tx))
+            self.score_row(converted)
         return n
 
     def _count_invalid(self, reason: str) -> None:
@@ -502,10 +502,3 @@ class EdgeAgent:
         self._count_invalid("model_error")
         if active is self._active and self._previous is not None:
             self.rollback(reason=f"failure: {error}")
-
-
-def _as_row(parser: Any, tx: Any) -> dict[str, Any]:
-    """A checked transaction back as a row (CSV/line paths; the hot path takes rows directly)."""
-    row = dict(zip(parser.feature_names, tx.values, strict=True))
-    row[parser.id_field] = tx.transaction_id
-    return row

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from consortium.errors import DataError
 
 REASONS = (
     "oversized", "malformed_json", "not_object", "missing_id", "bad_id",
-    "missing_field", "extra_field", "wrong_type", "nan",
+    "missing_field", "extra_field", "wrong_type", "nan", "overflow",
 )
 """Why a transaction was refused (keys of ``Telemetry.invalid``)."""
 
@@ -38,16 +39,23 @@ class InvalidInputError(DataError):
         self.reason = reason
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest magnitude the model's float32 input can hold."""
+
+
 @dataclass(frozen=True)
 class Transaction:
     """A checked transaction: its id and its feature values in model order."""
 
     transaction_id: str
-    values: list[float]
+    values: tuple[float, ...]
 
 
 class RowParser:
     """Check transactions against one feature schema.
+
+    Feature values are JSON numbers; ``true``/``false`` count as 1/0 (flags such as
+    ``is_night`` are often sent that way).
 
     Parameters
     ----------
@@ -59,30 +67,50 @@ class RowParser:
 
     def __init__(self, feature_names: Sequence[str], *, id_field: str = "transaction_id") -> None:
         self.feature_names = tuple(feature_names)
+        if not self.feature_names:
+            raise DataError("A model needs at least one feature name.")
         self.id_field = id_field
         self._width = len(self.feature_names) + 1
         self._known = frozenset((*self.feature_names, id_field))
+        getter = operator.itemgetter(*self.feature_names)
+        if len(self.feature_names) == 1:
+            only = self.feature_names[0]
+            self._get: Callable[[Mapping[str, Any]], tuple[Any, ...]] = lambda row: (row[only],)
+        else:
+            self._get = getter
 
-    def parse_mapping(self, row: Mapping[str, Any]) -> Transaction:
-        """Check one decoded JSON object; raise :class:`InvalidInputError` naming the problem."""
+    def values(self, row: Mapping[str, Any]) -> tuple[float, ...]:
+        """The hot path: the row's feature values in model order, after checking the whole row.
+
+        Raises :class:`InvalidInputError` naming the problem.  Values beyond the float32
+        range are refused later, by the scorer (``"overflow"``).
+        """
         try:
-            values = [row[name] for name in self.feature_names]
+            values = self._get(row)
             total = sum(values)
             tx = row[self.id_field]
-        except (KeyError, TypeError):
-            tx = None
-            total = math.nan
-        if (
-            len(row) != self._width
-            or not math.isfinite(total)
-            or not (tx.__class__ is str and 0 < len(tx) <= MAX_ID_CHARS or tx.__class__ is int)
-            or any(v.__class__ is bool for v in values)
-        ):
-            error = self._diagnose(row)
-            if error is not None:
-                raise error
-            values = [float(row[n]) for n in self.feature_names]  # finite values whose sum overflowed
-        return Transaction(str(tx), values)
+            if (
+                len(row) == self._width
+                and math.isfinite(total)
+                and (tx.__class__ is str and 0 < len(tx) <= MAX_ID_CHARS or tx.__class__ is int)
+            ):
+                return values  # type: ignore[no-any-return]
+        except (KeyError, TypeError, OverflowError):
+            pass
+        error = self._diagnose(row)
+        if error is not None:
+            raise error
+        return tuple(float(row[n]) for n in self.feature_names)  # finite values whose sum overflowed
+
+    def parse_mapping(self, row: Mapping[str, Any]) -> Transaction:
+        """Check one decoded JSON object (float32 range included); raise :class:`InvalidInputError` otherwise."""
+        values = self.values(row)
+        for name, v in zip(self.feature_names, values, strict=True):
+            if abs(v) > FLOAT32_MAX:
+                raise InvalidInputError(
+                    "overflow", f"Field {name!r} must be within ±{FLOAT32_MAX:.4g} (float32). Got {v!r:.40} instead."
+                )
+        return Transaction(str(row[self.id_field]), values)
 
     def parse_json(self, line: bytes | str) -> Transaction:
         """Check one JSON line (bytes or text)."""
@@ -102,6 +130,10 @@ class RowParser:
 
     def parse_csv_row(self, row: Mapping[str, str | None]) -> Transaction:
         """Check one ``csv.DictReader`` row (all text): numbers are parsed, empty cells are missing."""
+        return self.parse_mapping(self.convert_csv_row(row))
+
+    def convert_csv_row(self, row: Mapping[str, str | None]) -> dict[str, Any]:
+        """A ``csv.DictReader`` row as a JSON-like row (numbers parsed, empty cells left out)."""
         converted: dict[str, Any] = {}
         for key, text in row.items():
             if key is None:  # more cells than header columns
@@ -117,7 +149,7 @@ class RowParser:
                 raise InvalidInputError(
                     "wrong_type", f"Field {key!r} must be a number. Got {text!r:.40} instead."
                 ) from None
-        return self.parse_mapping(converted)
+        return converted
 
     def _diagnose(self, row: Mapping[str, Any]) -> InvalidInputError | None:
         """Find the precise reason a row failed the fast check (slow path); None if it is fine after all."""
@@ -139,10 +171,14 @@ class RowParser:
             return InvalidInputError("extra_field", f"Unexpected field(s) {extra[:5]} ({len(extra)} in all).")
         for name in self.feature_names:
             v = row[name]
-            if isinstance(v, bool) or not isinstance(v, int | float):
+            if not isinstance(v, int | float):
                 return InvalidInputError(
                     "wrong_type", f"Field {name!r} must be a number. Got {type(v).__name__} {v!r:.40} instead."
                 )
-            if not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
                 return InvalidInputError("nan", f"Field {name!r} must be finite. Got {v!r} instead.")
+            if abs(v) > FLOAT32_MAX:
+                return InvalidInputError(
+                    "overflow", f"Field {name!r} must be within ±{FLOAT32_MAX:.4g} (float32). Got {v!r:.40} instead."
+                )
         return None  # every value finite, only their sum overflowed

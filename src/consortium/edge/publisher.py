@@ -24,8 +24,8 @@ retained ``"online"`` Status is published on every connect.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import json
 import logging
 import queue
 import ssl
@@ -44,6 +44,9 @@ from consortium.edge.outbox import Outbox
 from consortium.errors import param_error
 
 logger = logging.getLogger(__name__)
+
+_WAKE = object()
+"""Queue token: wake the writer thread (acknowledgements arrived, connection up, stopping)."""
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with (topic, payload) for a message on a subscribed topic (in paho's network thread: be quick)."""
@@ -109,8 +112,9 @@ class MqttPublisher:
         Most messages committed to the outbox in one transaction.
     inflight_max : int
         Most messages handed to the broker and not yet acknowledged.
-    synchronous : {"FULL", "NORMAL"}
-        Outbox durability (see :class:`~consortium.edge.outbox.Outbox`).
+    synchronous : {"NORMAL", "FULL"}
+        Outbox durability: ``NORMAL`` survives an agent kill, ``FULL`` also power loss
+        (see :class:`~consortium.edge.outbox.Outbox`).
     """
 
     def __init__(
@@ -127,7 +131,7 @@ class MqttPublisher:
         client_id: str | None = None,
         batch_max: int = 512,
         inflight_max: int = 1000,
-        synchronous: str = "FULL",
+        synchronous: str = "NORMAL",
         keepalive: int = 30,
     ) -> None:
         self.address = parse_broker_url(broker_url)
@@ -204,10 +208,12 @@ class MqttPublisher:
         """
         if self._writer is None:
             return
+        deadline = time.monotonic() + drain_timeout
         self.flush(timeout=max(drain_timeout, 5.0))
-        if self._connected.is_set():
-            self.wait_delivered(timeout=drain_timeout)
+        if len(self.outbox) and self._connected.wait(max(deadline - time.monotonic(), 0.0)):
+            self.wait_delivered(timeout=max(deadline - time.monotonic(), 0.0))
         self._stopping.set()
+        self._queue.put(_WAKE)
         self._writer.join(timeout=10)
         self._writer = None
         if self._connected.is_set():
@@ -295,34 +301,36 @@ class MqttPublisher:
     # ------------------------------------------------------------------ writer thread
 
     def _encode(self, payload: Any, seq: int) -> bytes:
-        if getattr(payload, "msg_id", None) == "":
-            payload = dataclasses.replace(payload, msg_id=m.make_msg_id(self.institution, self.agent, seq))
-        data: bytes = payload.to_json()
+        if getattr(payload, "msg_id", None) != "":
+            data: bytes = payload.to_json()
+            return data
+        # Fast path for the common case (flat JSON fields): no deep copy, no second dataclass.
+        fields = {**vars(payload), "msg_id": m.make_msg_id(self.institution, self.agent, seq)}
+        data = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
+        if len(data) > m.MAX_PAYLOAD_BYTES:
+            raise m.MessageError(f"A {payload.KIND} message is {len(data)} bytes; the limit is {m.MAX_PAYLOAD_BYTES}.")
         return data
 
     def _write_loop(self) -> None:
+        # Blocks on the queue: no idle wake-ups that would take the GIL from the scoring thread.
         while True:
-            stopping = self._stopping.is_set()
-            batch = self._drain(block=not stopping)
+            first = self._queue.get()
+            batch = [] if first is _WAKE else [first]
+            try:
+                while len(batch) < self.batch_max:
+                    item = self._queue.get_nowait()
+                    if item is not _WAKE:
+                        batch.append(item)
+            except queue.Empty:
+                pass
             if batch:
                 self._commit(batch)
             self._process_acks()
             if self._connected.is_set():
                 self._send_pending()
-            if stopping and not batch:
+            if self._stopping.is_set() and self._queue.empty():
                 self._process_acks()
                 return
-
-    def _drain(self, *, block: bool) -> list[Any]:
-        batch: list[Any] = []
-        try:
-            if block:
-                batch.append(self._queue.get(timeout=0.02))
-            while len(batch) < self.batch_max:
-                batch.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return batch
 
     def _commit(self, batch: list[Any]) -> None:
         # The writer thread is the outbox's only writer, so the next sequence numbers are known.
@@ -401,6 +409,7 @@ class MqttPublisher:
         if self._connection > 1:
             self._reconnects += 1
         self._connected.set()
+        self._queue.put(_WAKE)
         logger.info("Connected to %s", self.broker_url)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
@@ -410,6 +419,7 @@ class MqttPublisher:
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any = None, _p: Any = None) -> None:
         self._acked_mids.put(mid)
+        self._queue.put(_WAKE)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         for topic_filter, handler in self._handlers:

@@ -11,11 +11,13 @@ these machines it is *faster* than a plain ``InferenceSession.run`` call
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
+from consortium.edge.inputs import InvalidInputError
 from consortium.errors import ConfigError, param_error
 
 
@@ -79,6 +81,8 @@ class OnnxScorer:
         self._binding.bind_cpu_input(self.input_name, self._x)
         self._binding.bind_output(self.output_name, "cpu", 0, np.float32, list(self._y.shape), self._y.ctypes.data)
         self._run = self.session.run_with_iobinding
+        self._pack = struct.Struct(f"={self.n_features}f").pack_into
+        self._buffer = self._x.data.cast("B")
         self._y_flat = self._y.reshape(-1)
 
     @property
@@ -87,8 +91,17 @@ class OnnxScorer:
         return self._x
 
     def score_values(self, values: Sequence[float]) -> float:
-        """Score one row given as ``d`` numbers in feature order (the hot path; not thread-safe)."""
-        self._x[0] = values
+        """Score one row given as ``d`` numbers in feature order (the hot path; not thread-safe).
+
+        Raises :class:`~consortium.edge.inputs.InvalidInputError` (``"overflow"``, ``"wrong_type"``)
+        for a value float32 cannot hold or that is not a number.
+        """
+        try:
+            self._pack(self._buffer, 0, *values)
+        except (OverflowError, struct.error) as exc:
+            reason = "overflow" if isinstance(exc, OverflowError) or "range" in str(exc) else "wrong_type"
+            raise InvalidInputError(reason, f"A feature value does not fit the model's float32 input ({exc}).") \
+                from None
         self._run(self._binding)
         return float(self._y_flat[0])
 

@@ -60,6 +60,7 @@ __all__ = [
     "FeatureSpec",
     "canonical_manifest_json",
     "check_compatible",
+    "inspect_bundle",
     "parse_manifest",
     "read_bundle",
     "sha256_hex",
@@ -640,7 +641,9 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
     return out
 
 
-def _check_signature(document: bytes, manifest_bytes: bytes, public_key: Ed25519PublicKey, where: str) -> str:
+def _check_signature(
+    document: bytes, manifest_bytes: bytes, public_key: Ed25519PublicKey | None, where: str
+) -> str:
     try:
         raw = json.loads(document.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -651,6 +654,10 @@ def _check_signature(document: bytes, manifest_bytes: bytes, public_key: Ed25519
         )
     if raw["algorithm"] != "ed25519":
         raise BundleError(f"The {where} is signed with {raw['algorithm']!r:.40}; only 'ed25519' is accepted.")
+    if not isinstance(raw["key_id"], str) or not re.match(r"^[0-9a-f]{16}$", raw["key_id"]):
+        raise BundleError(f"The {where} has a malformed signature: bad key id {raw['key_id']!r:.40}.")
+    if public_key is None:
+        return raw["key_id"]
     expected_id = key_fingerprint(public_key)
     if raw["key_id"] != expected_id:
         raise BundleError(
@@ -698,6 +705,20 @@ def read_bundle(path_or_bytes: Path | str | bytes, *, public_key: Ed25519PublicK
         raise param_error(
             "public_key", "read_bundle", "an Ed25519PublicKey (load_public_key)", type(public_key).__name__
         )
+    return _open_bundle(path_or_bytes, public_key)
+
+
+def inspect_bundle(path_or_bytes: Path | str | bytes) -> Bundle:
+    """Every check of :func:`read_bundle` except verifying the signature against a key.
+
+    For tools that only file or display bundles (the registry without a configured
+    public key).  The signature must still be present and well-formed; never run
+    a model obtained this way — use :func:`read_bundle`.
+    """
+    return _open_bundle(path_or_bytes, None)
+
+
+def _open_bundle(path_or_bytes: Path | str | bytes, public_key: Ed25519PublicKey | None) -> Bundle:
     data, where = _read_source(path_or_bytes)
     members = _members(data, where)
     key_id = _check_signature(members[SIGNATURE_NAME], members[MANIFEST_NAME], public_key, where)
