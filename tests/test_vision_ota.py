@@ -67,14 +67,14 @@ def test_announced_bundle_is_verified_swapped_and_rolled_back(tmp_path: Path, se
                             institution=institution, agent="cam1")
         updater = DetectorUpdater(agent, public_key=Path(f"{key}.pub"), channel=channel).start()
         assert _wait(lambda: publisher.connected)
-        time.sleep(0.3)  # subscriptions acknowledged
         agent.run(open_source(str(video)), max_frames=5)
         assert agent.model_version == "det-a" and agent.last_frame is not None
 
         def announce(path: Path, version: str, sha: str | None = None) -> None:
             ann = m.ModelAnnouncement(channel=channel, model_version=version, url=f"{served}/{path.name}",
                                       sha256=sha or sha256_hex(path.read_bytes()), ts=m.now())
-            watcher.publish(m.models_topic(channel), ann.to_json(), qos=1).wait_for_publish()
+            # retained, as the coordinator announces: no race with the agent's subscription
+            watcher.publish(m.models_topic(channel), ann.to_json(), qos=1, retain=True).wait_for_publish()
 
         announce(b, "det-b")
         assert _wait(lambda: agent.model_version == "det-b")
@@ -93,6 +93,7 @@ def test_announced_bundle_is_verified_swapped_and_rolled_back(tmp_path: Path, se
         assert publisher.wait_delivered(timeout=10)
     finally:
         publisher.stop()
+        watcher.publish(m.models_topic(channel), b"", qos=1, retain=True).wait_for_publish()  # clear it
         watcher.loop_stop()
         watcher.disconnect()
     kinds = [e.event for e in events]

@@ -77,6 +77,8 @@ class DetectorUpdater:
             kind, payload = self._queue.get()
             if kind == "stop":
                 return
+            if kind == "models" and not payload:
+                continue  # a cleared retained announcement: nothing is announced
             try:
                 message = m.parse_payload(kind, payload)
                 if kind == "models":
