@@ -283,10 +283,25 @@ def test_store_and_forward_while_the_broker_is_down(private_broker, tmp_path: Pa
 
 def test_cli_runs_the_fallback_and_reports_bad_sources(video: Path, tmp_path: Path) -> None:
     runner = CliRunner()
+    debug = tmp_path / "debug.avi"
     result = runner.invoke(main, ["edge", "vision", "run", "--source", str(video), "--line", "crossing:320,0,320,360",
-                                  "--json"])
+                                  "--debug-video", str(debug), "--json"])
     assert result.exit_code == 0, result.output
     assert '"mode": "fallback"' in result.output and '"frames": 150' in result.output
+    # the local debug video has every frame, with the counting line drawn (yellow) on it
+    import cv2
+
+    cap = cv2.VideoCapture(str(debug))
+    n, ok, first = 0, True, None
+    while ok:
+        ok, img = cap.read()
+        if ok:
+            first = img if first is None else first
+            n += 1
+    cap.release()
+    assert n == 150 and first is not None
+    b, g, r = first[180, 320].astype(int)
+    assert g > 200 and r > 200 and b < 80
     bad = runner.invoke(main, ["edge", "vision", "run", "--source", str(tmp_path / "nope.mp4"), "--line", "a:0,0,1,1"])
     assert bad.exit_code == 2 and "does not exist" in bad.output
     bad_line = runner.invoke(main, ["edge", "vision", "run", "--source", str(video), "--line", "a:0,0,1"])
