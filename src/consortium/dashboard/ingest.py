@@ -219,6 +219,7 @@ class AlertIngestor:
             client.tls_set(ca_certs=tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client = client
@@ -313,8 +314,14 @@ class AlertIngestor:
             return
         institution = self._institution or "+"
         client.subscribe([(subscription(kind, institution=institution), 1) for kind in KINDS])
-        self._connected.set()
         logger.info("Dashboard ingest: subscribed to %s for %s institution(s)", self.broker, institution)
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any) -> None:
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            logger.error("Dashboard ingest: broker %s refused the subscription: %s", self.broker, failed)
+            return
+        self._connected.set()  # only now: messages published from here on reach this session
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
