@@ -1,14 +1,24 @@
-"""Property tests of the bundle manifest parser: any input ends in a manifest or a BundleError, never a crash."""
+"""Property tests of the manifest parser and the bundle reader: any input ends in a result or a BundleError."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consortium.registry.bundle import BundleError, BundleManifest, FeatureSpec, canonical_manifest_json, parse_manifest
+from consortium.registry.bundle import (
+    BundleError,
+    BundleManifest,
+    FeatureSpec,
+    bundle_bytes,
+    canonical_manifest_json,
+    parse_manifest,
+    read_bundle,
+)
 
 VALID: dict[str, Any] = json.loads(
     canonical_manifest_json(
@@ -95,3 +105,38 @@ def test_huge_integer_is_refused_not_crashing() -> None:
         assert "thresholds.default" in str(exc)
     else:
         raise AssertionError("a threshold beyond float range was accepted")
+
+
+@pytest.mark.parametrize("depth", [40, 990, 100_000])
+def test_deeply_nested_extra_is_refused_not_crashing(depth: int) -> None:
+    doc = json.dumps({**VALID, "extra": {}}, separators=(",", ":"))
+    doc = doc.replace('"extra":{}', '"extra":{"a":' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(BundleError, match="nested"):
+        parse_manifest(doc)
+
+
+_KEY = Ed25519PrivateKey.generate()
+_GOOD = bundle_bytes(onnx_model=b"onnx" * 50, manifest=BundleManifest.from_dict(VALID), private_key=_KEY)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, len(_GOOD) - 1), st.integers(1, 255)), min_size=1, max_size=4))
+def test_corrupted_bundle_is_refused_or_unchanged(flips: list[tuple[int, int]]) -> None:
+    data = bytearray(_GOOD)
+    for position, mask in flips:
+        data[position] ^= mask
+    try:
+        bundle = read_bundle(bytes(data), public_key=_KEY.public_key())
+    except BundleError as exc:
+        assert str(exc)
+        return
+    # Only bytes that carry no content (e.g. zip timestamps) were hit: what is served is the signed content.
+    original = read_bundle(_GOOD, public_key=_KEY.public_key())
+    assert bundle.manifest == original.manifest and bundle.onnx_bytes == original.onnx_bytes
+
+
+@SETTINGS
+@given(st.binary(max_size=2000))
+def test_arbitrary_archive_bytes(data: bytes) -> None:
+    with pytest.raises(BundleError):
+        read_bundle(data, public_key=_KEY.public_key())

@@ -60,6 +60,7 @@ __all__ = [
     "FeatureSpec",
     "canonical_manifest_json",
     "check_compatible",
+    "inspect_bundle",
     "parse_manifest",
     "read_bundle",
     "sha256_hex",
@@ -79,6 +80,8 @@ _MEMBERS = (MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME)
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 """Largest archive (and largest uncompressed model) accepted."""
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+"""Deepest nesting accepted inside the manifest's ``extra``."""
 _MAX_SIGNATURE_BYTES = 4096
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -131,8 +134,10 @@ def _text(value: object, where: str, pattern: re.Pattern[str] | None = None, *, 
     return value
 
 
-def _json_value(value: object, where: str) -> Any:
+def _json_value(value: object, where: str, depth: int = 0) -> Any:
     """A deep copy of ``value`` if it is plain JSON without NaN/inf, else BundleError."""
+    if depth > MAX_JSON_DEPTH:
+        raise BundleError(f"Manifest field {where[:80]!r} is nested deeper than {MAX_JSON_DEPTH} levels.")
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -144,10 +149,10 @@ def _json_value(value: object, where: str) -> Any:
         for key, sub in value.items():
             if not isinstance(key, str):
                 raise BundleError(f"Manifest field {where!r} must have string keys. Got {key!r:.80} instead.")
-            out[key] = _json_value(sub, f"{where}.{key}")
+            out[key] = _json_value(sub, f"{where}.{key}", depth + 1)
         return out
     if isinstance(value, list | tuple):
-        return [_json_value(sub, f"{where}[{i}]") for i, sub in enumerate(value)]
+        return [_json_value(sub, f"{where}[{i}]", depth + 1) for i, sub in enumerate(value)]
     raise BundleError(
         f"Manifest field {where!r} must hold JSON data. Got {type(value).__name__} {value!r:.80} instead."
     )
@@ -601,8 +606,10 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
         raise BundleError(f"The {where} is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES}.")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
-        raise BundleError(f"The {where} is not a bundle archive (not a readable zip file: {exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile input; all mean "not a bundle"
+        raise BundleError(
+            f"The {where} is not a bundle archive (not a readable zip file: {type(exc).__name__}: {exc})."
+        ) from None
     with archive:
         infos = archive.infolist()
         names = [info.filename for info in infos]
@@ -630,9 +637,10 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
             try:
                 with archive.open(info) as handle:
                     content = handle.read(limit + 1)
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            except Exception as exc:  # noqa: BLE001 - as above: CRC, zlib, header and version errors alike
                 raise BundleError(
-                    f"The {where} is corrupt or tampered with: member {info.filename!r} cannot be read ({exc})."
+                    f"The {where} is corrupt or tampered with: member {info.filename!r} cannot be read "
+                    f"({type(exc).__name__}: {exc})."
                 ) from None
             if len(content) > limit:
                 raise BundleError(f"The {where} member {info.filename!r} exceeds {limit} bytes.")
@@ -640,7 +648,9 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
     return out
 
 
-def _check_signature(document: bytes, manifest_bytes: bytes, public_key: Ed25519PublicKey, where: str) -> str:
+def _check_signature(
+    document: bytes, manifest_bytes: bytes, public_key: Ed25519PublicKey | None, where: str
+) -> str:
     try:
         raw = json.loads(document.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -651,6 +661,10 @@ def _check_signature(document: bytes, manifest_bytes: bytes, public_key: Ed25519
         )
     if raw["algorithm"] != "ed25519":
         raise BundleError(f"The {where} is signed with {raw['algorithm']!r:.40}; only 'ed25519' is accepted.")
+    if not isinstance(raw["key_id"], str) or not re.match(r"^[0-9a-f]{16}$", raw["key_id"]):
+        raise BundleError(f"The {where} has a malformed signature: bad key id {raw['key_id']!r:.40}.")
+    if public_key is None:
+        return raw["key_id"]
     expected_id = key_fingerprint(public_key)
     if raw["key_id"] != expected_id:
         raise BundleError(
@@ -698,6 +712,20 @@ def read_bundle(path_or_bytes: Path | str | bytes, *, public_key: Ed25519PublicK
         raise param_error(
             "public_key", "read_bundle", "an Ed25519PublicKey (load_public_key)", type(public_key).__name__
         )
+    return _open_bundle(path_or_bytes, public_key)
+
+
+def inspect_bundle(path_or_bytes: Path | str | bytes) -> Bundle:
+    """Every check of :func:`read_bundle` except verifying the signature against a key.
+
+    For tools that only file or display bundles (the registry without a configured
+    public key).  The signature must still be present and well-formed; never run
+    a model obtained this way — use :func:`read_bundle`.
+    """
+    return _open_bundle(path_or_bytes, None)
+
+
+def _open_bundle(path_or_bytes: Path | str | bytes, public_key: Ed25519PublicKey | None) -> Bundle:
     data, where = _read_source(path_or_bytes)
     members = _members(data, where)
     key_id = _check_signature(members[SIGNATURE_NAME], members[MANIFEST_NAME], public_key, where)
