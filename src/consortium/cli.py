@@ -18,6 +18,7 @@ Every error that bad input can cause is printed as one line naming the problem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,9 +100,14 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--store", "store_url", default=None, help="Run store URL (default: SQLite file in --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--dashboard/--no-dashboard", "with_dashboard", default=True, show_default=True,
+              help="Serve the live dashboard (127.0.0.1:8050 or a free port) while the demo runs.")
+@click.option("--keep-dashboard", is_flag=True, help="Keep the dashboard up after the demo until Ctrl-C.")
+@click.option("--dashboard-broker", default=None, help="MQTT broker whose edge alerts the dashboard shows.")
 @_friendly_errors
 def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model: str, strategy: str,
-         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool) -> None:
+         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool, with_dashboard: bool,
+         keep_dashboard: bool, dashboard_broker: str | None) -> None:
     """Five synthetic banks train one fraud model together, end to end.
 
     Generates the institutions, trains federated in Flower's simulation engine,
@@ -111,12 +117,29 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     from consortium.demo import run_demo  # noqa: PLC0415
     from consortium.federation.progress import RoundProgress  # noqa: PLC0415
 
-    with RoundProgress(total=rounds, enabled=not as_json) as progress:
-        out = run_demo(
-            out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
-            model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
-            store_url=store_url, on_round=progress.update, on_stage=progress.stage,
-        )
+    from consortium.dashboard.server import start_demo_dashboard  # noqa: PLC0415
+
+    board = start_demo_dashboard(out_dir, store_url=store_url, broker_url=dashboard_broker) if with_dashboard else None
+    if board is not None:
+        click.echo(f"Dashboard:       {board.url}", err=as_json)
+    try:
+        with RoundProgress(total=rounds, enabled=not as_json) as progress:
+            out = run_demo(
+                out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
+                model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
+                store_url=store_url, on_round=progress.update, on_stage=progress.stage,
+            )
+        _demo_report(out, as_json=as_json)
+        if board is not None and keep_dashboard:
+            click.echo(f"Dashboard still at {board.url}; Ctrl-C to stop.", err=as_json)
+            with contextlib.suppress(KeyboardInterrupt):
+                board.wait()
+    finally:
+        if board is not None:
+            board.stop()
+
+
+def _demo_report(out: Any, *, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(json.loads(out.json_path.read_text()), indent=2))
         return

@@ -196,3 +196,25 @@ def _watch_store(store: RunStore, hub: EventHub, stop: threading.Event) -> None:
         if last is not None and now != last:
             hub.publish("store", [{"changed": True}])
         last = now
+
+
+def start_demo_dashboard(
+    out_dir: str | Path, *, store_url: str | None = None, broker_url: str | None = None, port: int = 8050
+) -> DashboardHandle | None:
+    """The dashboard next to ``consortium demo``: same store, the demo's registry, port 8050 or a free one.
+
+    Never fails the demo: a dashboard that cannot start is a warning and None.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    url = store_url or f"sqlite:///{(out / 'consortium.db').resolve()}"
+    for candidate in dict.fromkeys((port, 0)):
+        try:
+            return start_dashboard(url, broker_url=broker_url, port=candidate, registry_dir=out / "registry")
+        except ConfigError as exc:
+            logger.info("Demo dashboard: %s", exc)
+        except ConsortiumError as exc:
+            logger.warning("Demo dashboard not started: %s", exc)
+            return None
+    logger.warning("Demo dashboard not started: no free port")
+    return None
