@@ -114,10 +114,9 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     trains local-only and centralized baselines on the same split, prints AUPRC /
     ROC-AUC / recall@1%FPR for each and writes a PNG of AUPRC per round.
     """
+    from consortium.dashboard.server import start_demo_dashboard  # noqa: PLC0415
     from consortium.demo import run_demo  # noqa: PLC0415
     from consortium.federation.progress import RoundProgress  # noqa: PLC0415
-
-    from consortium.dashboard.server import start_demo_dashboard  # noqa: PLC0415
 
     board = start_demo_dashboard(out_dir, store_url=store_url, broker_url=dashboard_broker) if with_dashboard else None
     if board is not None:
