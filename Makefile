@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # torch first, by exact version: the CPU wheel is on disk; other specs pull CUDA builds.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install install-dev lint typecheck bench clean
+.PHONY: demo test install install-dev lint typecheck bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,16 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-install-dev: $(DEV_STAMP)
+install-dev: $(DEV_STAMP) chromium
+
+# The dashboard's browser test drives Debian's chromium through Playwright (never a downloaded browser).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 demo: $(STAMP)
 	$(BIN)/consortium demo
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) chromium
 	$(BIN)/python -m pytest
 
 lint: $(DEV_STAMP)

@@ -67,8 +67,12 @@ logger = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
 """How long the broker keeps the dashboard's session (and queues its messages) while it is down."""
-RECEIVE_MAXIMUM = 4000
-"""Unacknowledged QoS 1 messages the broker may have in flight to the dashboard (MQTT v5 Receive Maximum)."""
+RECEIVE_MAXIMUM = 65535
+"""Unacknowledged QoS 1 messages the broker may have in flight to the dashboard (MQTT v5 Receive Maximum).
+
+The largest allowed: Mosquitto queues at most ``max_queued_messages`` (default 1000) more per client and
+drops QoS 1 messages beyond that, so a dashboard that falls behind should hold as many in flight as it can
+(they are acknowledged only after they are stored)."""
 
 
 @dataclass(frozen=True)
