@@ -48,7 +48,8 @@ def _read_events(response: httpx.Response, want: int) -> list[tuple[str, str | N
 
 def test_stream_replays_after_last_event_id_and_scopes_institutions(tmp_path: Path) -> None:
     users = tmp_path / "users.json"
-    users.write_text(json.dumps({"users": [{"name": "a", "institution": "bank-a", "token": "bank-a-token-0123456789"}]}))
+    entry = {"name": "a", "institution": "bank-a", "token": "bank-a-token-0123456789"}
+    users.write_text(json.dumps({"users": [entry]}))
     with start_dashboard(f"sqlite:///{tmp_path / 'runs.db'}", port=0, auth_token=TOKEN, users_file=users) as board:
         _alerts(board.store, ["bank-a", "bank-b", "bank-a", "bank-a"])  # ids 1..4
         with httpx.Client(base_url=board.url, timeout=10) as client:
