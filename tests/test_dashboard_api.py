@@ -193,3 +193,42 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def test_api_never_answers_5xx(case: schemathesis.Case) -> None:
     for token in (OPERATOR, BANK_A):
         case.call_and_validate(headers=_h(token), checks=[not_a_server_error, response_schema_conformance])
+
+
+def test_privacy_and_models_panels_read_the_ledger_and_registry(run_store: RunStore, users_file: Path,
+                                                                 tmp_path: Path) -> None:
+    from consortium.dashboard.sources import OptionalSources  # noqa: PLC0415
+    from consortium.edge.testing import feature_names, mlp_onnx, mlp_weights, signed_bundle  # noqa: PLC0415
+    from consortium.privacy.ledger import PrivacyLedger  # noqa: PLC0415
+    from consortium.privacy.mechanisms import DpSgdMechanism  # noqa: PLC0415
+    from consortium.registry.registry import ModelRegistry  # noqa: PLC0415
+    from consortium.registry.signing import generate_signing_key, load_private_key  # noqa: PLC0415
+
+    run_id = _seed(run_store)
+    mech = DpSgdMechanism(noise_multiplier=1.2, clip_norm=1.0, sampling_rate=0.05, steps_per_round=20)
+    ledger = PrivacyLedger(run_store)
+    for rnd in (1, 2, 3):
+        for inst in ("bank-a", "bank-b"):
+            ledger.charge(run_id=run_id, institution=inst, data_id="d", round=rnd, mechanism="dpsgd",
+                          event=mech.round_event(), delta=1e-5, budget_epsilon=8.0, params=mech.params())
+    key = load_private_key(generate_signing_key(tmp_path / "k.key"))
+    bundle = tmp_path / "v1.bundle"
+    bundle.write_bytes(signed_bundle(mlp_onnx(mlp_weights(4, (4,))), version="v1", private_key=key,
+                                     names=feature_names(4)))
+    registry = ModelRegistry(run_store, tmp_path / "blobs")
+    registry.add(bundle)
+    registry.promote("v1")
+    sources = OptionalSources(tmp_path / "blobs", run_store)
+    auth = Authenticator.from_options(token=OPERATOR, users_file=users_file)
+    client = TestClient(create_app(DashboardContext(store=run_store, hub=EventHub(), auth=auth, sources=sources)))
+
+    body = client.get("/api/privacy", params={"run_id": run_id}, headers=_h(OPERATOR)).json()
+    assert body["available"] is True and len(body["charges"]) == 6
+    eps = [c["epsilon"] for c in body["charges"] if c["institution"] == "bank-a"]
+    assert eps == sorted(eps) and eps[0] > 0 and body["charges"][0]["budget_epsilon"] == 8.0
+    own = client.get("/api/privacy", headers=_h(BANK_A)).json()["charges"]
+    assert {c["institution"] for c in own} == {"bank-a"}
+
+    models = client.get("/api/models", headers=_h(OPERATOR)).json()["models"]
+    assert [(m["model_version"], m["promoted"]) for m in models] == [("v1", True)]
+    assert client.get("/api/models").status_code == 401
