@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -204,7 +204,9 @@ class AlertIngestor:
         self._batch_size = batch_size
         self._on_batch = on_batch
         self._queue: queue.Queue[_Incoming] = queue.Queue(queue_size)
-        self._stats = IngestStats()
+        self._counters: dict[str, int] = {
+            f.name: 0 for f in dataclasses.fields(IngestStats) if f.name != "queued"
+        }
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -295,7 +297,7 @@ class AlertIngestor:
     def stats(self) -> IngestStats:
         """Counters so far."""
         with self._stats_lock:
-            return replace(self._stats, queued=self._queue.qsize())
+            return IngestStats(**self._counters, queued=self._queue.qsize())
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until every received message is written (tests, benchmarks); False on timeout."""
@@ -308,7 +310,8 @@ class AlertIngestor:
 
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
-            self._stats = replace(self._stats, **{k: getattr(self._stats, k) + v for k, v in deltas.items()})
+            for key, value in deltas.items():
+                self._counters[key] += value
 
     # ------------------------------------------------------------------ MQTT thread
 
@@ -401,13 +404,10 @@ class AlertIngestor:
         if not rows:
             return []
         unique = list({r["msg_id"]: r for r in rows}.values())
-        stmt = (
-            self._insert(table)
-            .values(unique)
-            .on_conflict_do_nothing(index_elements=["msg_id"])
-            .returning(table.id, table.msg_id)
-        )
-        return list(session.execute(stmt).all())
+        # executemany of one cached statement (SQLAlchemy's "insertmanyvalues" batches it with RETURNING):
+        # ~10x cheaper than compiling a fresh multi-row VALUES statement for every batch.
+        stmt = self._insert(table).on_conflict_do_nothing(index_elements=["msg_id"]).returning(table.id, table.msg_id)
+        return list(session.execute(stmt, unique).all())
 
     def _write(
         self, session: Session, batch: Sequence[_Incoming]
