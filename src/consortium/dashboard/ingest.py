@@ -75,6 +75,10 @@ drops QoS 1 messages beyond that, so a dashboard that falls behind should hold a
 (they are acknowledged only after they are stored)."""
 
 
+INVALID_WARNINGS = 20
+"""Malformed messages logged as warnings one by one; after that every 1000th (the rest at debug level)."""
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     """Where the MQTT broker listens: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
@@ -340,7 +344,11 @@ class AlertIngestor:
             parts, message = parse_message(msg.topic, bytes(msg.payload))
         except MessageError as exc:
             self._count(invalid=1)
-            logger.warning("Dashboard ingest: dropped a malformed message: %s", exc)
+            invalid = self._counters["invalid"]
+            if invalid <= INVALID_WARNINGS or invalid % 1000 == 0:  # a broken agent must not flood the log
+                logger.warning("Dashboard ingest: dropped malformed message #%d: %s", invalid, exc)
+            else:
+                logger.debug("Dashboard ingest: dropped a malformed message: %s", exc)
             if msg.qos > 0:
                 client.ack(msg.mid, msg.qos)
             return
