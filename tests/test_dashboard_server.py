@@ -121,3 +121,22 @@ def test_port_is_checked(tmp_path: Path, port: int) -> None:
 
     with pytest.raises(ConfigError, match="'port'"):
         start_dashboard(f"sqlite:///{tmp_path / 'runs.db'}", port=port)
+
+
+def test_demo_dashboard_uses_the_demo_store_and_a_free_port_when_taken(tmp_path: Path) -> None:
+    import socket  # noqa: PLC0415
+
+    from consortium.dashboard.server import free_port, start_demo_dashboard  # noqa: PLC0415
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        board = start_demo_dashboard(tmp_path / "demo", port=port)
+        assert board is not None
+        try:
+            assert board.url.startswith("http://127.0.0.1:") and f":{port}/" not in board.url
+            assert str((tmp_path / "demo" / "consortium.db").resolve()) in board.store.url_masked
+            assert httpx.get(board.url + "api/runs", timeout=10).json() == []
+        finally:
+            board.stop()

@@ -151,12 +151,21 @@ def start_dashboard(
                                      username=mqtt_username, password=mqtt_password, tls_ca=mqtt_tls_ca)
         sources = OptionalSources(Path(registry_dir) if registry_dir is not None else None, run_store)
         app = create_app(DashboardContext(store=run_store, hub=hub, auth=auth, sources=sources))
-        if port == 0:
-            port = free_port(host)
+        # Bind here, not in uvicorn's thread: a taken port is then a clear ConfigError, and port 0 has no race.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"The dashboard cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+        port = sock.getsockname()[1]
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log,
                                 timeout_graceful_shutdown=3, lifespan="on")
         server = uvicorn.Server(config)
-        http_thread = threading.Thread(target=server.run, name="dashboard-http", daemon=True)
+        http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dashboard-http",
+                                       daemon=True)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch_store, args=(run_store, hub, stop), name="dashboard-watch",
                                    daemon=True)
