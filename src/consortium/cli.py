@@ -19,6 +19,7 @@ Every error that bad input can cause is printed as one line naming the problem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -102,25 +103,49 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--store", "store_url", default=None, help="Run store URL (default: SQLite file in --out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--broker", "broker_url", default=None,
-              help="MQTT broker for the edge step (mqtt://HOST:PORT; default: an in-process broker).")
+              help="MQTT broker for the edge agent and the dashboard (mqtt://HOST:PORT; default: in-process).")
+@click.option("--dashboard/--no-dashboard", "with_dashboard", default=True, show_default=True,
+              help="Serve the live dashboard (127.0.0.1:8050 or a free port) while the demo runs.")
+@click.option("--keep-dashboard", is_flag=True, help="Keep the dashboard up after the demo until Ctrl-C.")
 @_friendly_errors
 def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model: str, strategy: str,
-         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool, broker_url: str | None) -> None:
+         secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool, broker_url: str | None,
+         with_dashboard: bool, keep_dashboard: bool) -> None:
     """Five synthetic banks train one fraud model together, end to end.
 
     Generates the institutions, trains federated in Flower's simulation engine,
     trains local-only and centralized baselines on the same split, prints AUPRC /
     ROC-AUC / recall@1%FPR for each and writes a PNG of AUPRC per round.
     """
+    from consortium.dashboard.server import start_demo_dashboard  # noqa: PLC0415
     from consortium.demo import run_demo  # noqa: PLC0415
     from consortium.federation.progress import RoundProgress  # noqa: PLC0415
 
-    with RoundProgress(total=rounds, enabled=not as_json) as progress:
-        out = run_demo(
-            out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
-            model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
-            store_url=store_url, on_round=progress.update, on_stage=progress.stage, broker_url=broker_url,
-        )
+    with contextlib.ExitStack() as stack:
+        if broker_url is None:
+            # One in-process broker for the whole demo: the edge agent publishes to it and the dashboard
+            # subscribes to it, so the demo's alerts appear live on the page.
+            from consortium.edge.broker import EmbeddedBroker  # noqa: PLC0415
+
+            broker_url = stack.enter_context(EmbeddedBroker()).url
+        board = start_demo_dashboard(out_dir, store_url=store_url, broker_url=broker_url) if with_dashboard else None
+        if board is not None:
+            stack.callback(board.stop)
+            click.echo(f"Dashboard:       {board.url}", err=as_json)
+        with RoundProgress(total=rounds, enabled=not as_json) as progress:
+            out = run_demo(
+                out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
+                model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
+                store_url=store_url, on_round=progress.update, on_stage=progress.stage, broker_url=broker_url,
+            )
+        _demo_report(out, as_json=as_json)
+        if board is not None and keep_dashboard:
+            click.echo(f"Dashboard still at {board.url}; Ctrl-C to stop.", err=as_json)
+            with contextlib.suppress(KeyboardInterrupt):
+                board.wait()
+
+
+def _demo_report(out: Any, *, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(json.loads(out.json_path.read_text()), indent=2))
         return

@@ -117,7 +117,10 @@ class TrafficRow(Base):
 
 
 def ensure_tables(store: RunStore) -> None:
-    """Create the dashboard tables in ``store`` if they are missing (idempotent)."""
+    """Create the dashboard tables (and the ledger's and registry's, when installed) if missing (idempotent)."""
+    from consortium.dashboard.sources import register_optional_tables  # noqa: PLC0415 - avoids an import cycle
+
+    register_optional_tables()
     store.create_missing_tables()
 
 

@@ -151,12 +151,21 @@ def start_dashboard(
                                      username=mqtt_username, password=mqtt_password, tls_ca=mqtt_tls_ca)
         sources = OptionalSources(Path(registry_dir) if registry_dir is not None else None, run_store)
         app = create_app(DashboardContext(store=run_store, hub=hub, auth=auth, sources=sources))
-        if port == 0:
-            port = free_port(host)
+        # Bind here, not in uvicorn's thread: a taken port is then a clear ConfigError, and port 0 has no race.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"The dashboard cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+        port = sock.getsockname()[1]
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=access_log,
                                 timeout_graceful_shutdown=3, lifespan="on")
         server = uvicorn.Server(config)
-        http_thread = threading.Thread(target=server.run, name="dashboard-http", daemon=True)
+        http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dashboard-http",
+                                       daemon=True)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch_store, args=(run_store, hub, stop), name="dashboard-watch",
                                    daemon=True)
@@ -196,3 +205,25 @@ def _watch_store(store: RunStore, hub: EventHub, stop: threading.Event) -> None:
         if last is not None and now != last:
             hub.publish("store", [{"changed": True}])
         last = now
+
+
+def start_demo_dashboard(
+    out_dir: str | Path, *, store_url: str | None = None, broker_url: str | None = None, port: int = 8050
+) -> DashboardHandle | None:
+    """The dashboard next to ``consortium demo``: same store, the demo's registry, port 8050 or a free one.
+
+    Never fails the demo: a dashboard that cannot start is a warning and None.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    url = store_url or f"sqlite:///{(out / 'consortium.db').resolve()}"
+    for candidate in dict.fromkeys((port, 0)):
+        try:
+            return start_dashboard(url, broker_url=broker_url, port=candidate, registry_dir=out / "registry")
+        except ConfigError as exc:
+            logger.info("Demo dashboard: %s", exc)
+        except ConsortiumError as exc:
+            logger.warning("Demo dashboard not started: %s", exc)
+            return None
+    logger.warning("Demo dashboard not started: no free port")
+    return None

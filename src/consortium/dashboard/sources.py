@@ -27,7 +27,8 @@ from consortium.registry.store_schema import Base
 
 logger = logging.getLogger(__name__)
 
-WATCHED_TABLES = ("runs", "rounds", "baselines", "institution_metrics", "privacy_ledger", "registry_models")
+WATCHED_TABLES = ("runs", "rounds", "baselines", "institution_metrics", "privacy_ledger", "model_bundles",
+                  "model_channels", "model_promotions")
 """Tables whose changes make the pages refetch the federation, privacy and model panels."""
 
 
@@ -36,6 +37,15 @@ def _optional(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         return None
+
+
+OPTIONAL_TABLE_MODULES = ("consortium.privacy.ledger", "consortium.registry.model_tables")
+
+
+def register_optional_tables() -> None:
+    """Import the ledger's and the registry's table modules (when installed) so the store creates them."""
+    for module in OPTIONAL_TABLE_MODULES:
+        _optional(module)
 
 
 @dataclass

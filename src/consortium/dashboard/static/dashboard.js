@@ -136,7 +136,8 @@
   // ------------------------------------------------------------------ fleet
   function renderFleet() {
     const body = $("#fleet-table tbody"); body.textContent = "";
-    const agents = [...state.fleet.values()].sort((a, b) => (a.institution + a.agent).localeCompare(b.institution + b.agent));
+    const rank = a => (a.state === "online" && !a.stale) ? 0 : a.state === "online" ? 1 : 2;  // online agents first
+    const agents = [...state.fleet.values()].sort((a, b) => rank(a) - rank(b) || (a.institution + a.agent).localeCompare(b.institution + b.agent));
     for (const a of agents) {
       const tr = document.createElement("tr");
       tr.dataset.agent = `${a.institution}/${a.agent}`;
