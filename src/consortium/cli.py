@@ -277,6 +277,8 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--certs", "certs_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory made by 'consortium certs' (TLS on every link to the coordinator).")
 @click.option("--insecure", is_flag=True, help="No TLS (plain text). For local experiments only.")
+@click.option("--enrolled", "enrolled_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory of <institution>.pub keys (made by 'consortium enroll'): only these may join.")
 @click.option("--address", "fleet_address", default="127.0.0.1:9092", show_default=True,
               help="host:port the coordinator listens on (institutions' nodes and run submission).")
 @click.option("--database", type=click.Path(dir_okay=False), default=None,
@@ -293,7 +295,8 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
 @_friendly_errors
-def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int,
+def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None, fleet_address: str,
+                database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
                 timeout: float) -> None:
@@ -304,8 +307,13 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
     """
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.deploy import start_coordinator, submit_run  # noqa: PLC0415
+    from consortium.federation.enroll import RefusalWatcher, load_enrolled_keys, register_nodes  # noqa: PLC0415
 
     cert_paths = _cert_paths(certs_dir, insecure)
+    if not insecure and enrolled_dir is None:
+        raise click.UsageError("Give --enrolled DIR (the institutions' public keys, made by 'consortium enroll'): "
+                               "only enrolled institutions may join. --insecure turns TLS and this check off.")
+    enrolled = load_enrolled_keys(enrolled_dir) if enrolled_dir is not None and not insecure else None
     store_abs = _absolute_sqlite(store_url)
     config = FederationConfig(
         num_rounds=rounds, strategy=strategy, model=model, min_nodes=min_nodes,  # type: ignore[arg-type]
@@ -314,11 +322,15 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
     )
     work = Path(work_dir).resolve()
     with start_coordinator(certs=cert_paths, insecure=insecure, fleet_address=fleet_address,
-                           work_dir=work, database=database) as coord:
+                           work_dir=work, database=database, node_auth=enrolled is not None) as coord:
         coord.wait_ready()
+        if enrolled is not None:
+            ids = register_nodes(coord, enrolled)
+            click.echo(f"Enrolled institutions: {', '.join(f'{k} (node {v})' for k, v in ids.items())}")
         click.echo(f"Coordinator listening for institutions on {coord.addresses.fleet}"
                    f" ({'TLS' if cert_paths else 'INSECURE plain text'}); waiting for {min_nodes} node(s)")
-        outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout)
+        with RefusalWatcher(coord):
+            outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout)
     click.echo(f"Flower run {outcome.run_id}: {outcome.status}")
     if not outcome.succeeded:
         raise click.ClickException(f"The federated run did not complete: {outcome.status} {outcome.details}")
@@ -333,21 +345,28 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CA certificate that signed the coordinator's certificate.")
 @click.option("--insecure", is_flag=True, help="No TLS (plain text). For local experiments only.")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), default=None,
+              help="This institution's private key from 'consortium enroll' (mode 0600).")
 @click.option("--disclose-eval/--no-disclose-eval", default=True, show_default=True,
               help="Share metrics on this institution's own test split with the coordinator.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None)
 @_friendly_errors
 def node(data_path: str, institution: str, fleet_address: str, ca_cert: str | None, insecure: bool,
-         disclose_eval: bool, work_dir: str | None) -> None:
+         key_path: str | None, disclose_eval: bool, work_dir: str | None) -> None:
     """Run one institution's node: Flower SuperNode with the consortium ClientApp."""
     from consortium.federation.deploy import start_node  # noqa: PLC0415
 
     if not insecure and ca_cert is None:
         raise click.UsageError("Give --ca-cert (TLS) or --insecure (plain text, local experiments only).")
+    if insecure:
+        click.echo("WARNING: --insecure: this node's traffic is NOT encrypted and NOT authenticated.", err=True)
+    elif key_path is None:
+        raise click.UsageError("Give --key (this institution's private key, made by 'consortium enroll').")
     work = Path(work_dir or f"node-{institution}").resolve()
     proc = start_node(fleet_address=fleet_address, ca_cert=Path(ca_cert) if ca_cert else None,
                       insecure=insecure, data_path=Path(data_path).resolve(), institution=institution,
-                      work_dir=work, extra_node_config={"disclose-eval": "true" if disclose_eval else "false"})
+                      work_dir=work, extra_node_config={"disclose-eval": "true" if disclose_eval else "false"},
+                      auth_key=key_path)
     # SIGTERM (systemd, kill, CI) must stop the SuperNode too, not orphan it.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -356,6 +375,7 @@ def node(data_path: str, institution: str, fleet_address: str, ca_cert: str | No
                    f"(log: {proc.log_file})")
         while proc.is_running():
             time.sleep(1.0)
+        raise click.ClickException(proc.exit_explanation())
     except KeyboardInterrupt:
         pass
     finally:
@@ -419,6 +439,11 @@ def runs_show(run_id: str, store_url: str) -> None:
                        f"AUPRC {g.get('auprc', float('nan')):.4f}, ROC-AUC {g.get('roc-auc', float('nan')):.4f}")
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
+
+
+from consortium.federation.enroll_command import enroll  # noqa: E402
+
+main.add_command(enroll)
 
 
 if __name__ == "__main__":  # pragma: no cover
