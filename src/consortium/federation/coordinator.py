@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from consortium.data import Dataset, load_npz
 from consortium.errors import FederationError
 from consortium.federation import messages as m
+from consortium.federation.aggregation import AggregateResult
 from consortium.federation.config import FederationConfig
 from consortium.federation.exact_sum import decode_limb_sums
 from consortium.federation.server_optimizers import create_server_optimizer
@@ -35,6 +36,7 @@ from consortium.federation.thresholds import (
     threshold_from_histograms,
 )
 from consortium.federation.transport import Transport, create_transport
+from consortium.federation.validation import check_aggregate_norm
 from consortium.models import (
     FeatureStats,
     Standardizer,
@@ -278,7 +280,8 @@ class Coordinator:
                         f"Round {rnd}: only {len(agg.participants)} institution(s) contributed "
                         f"({list(agg.participants)}); dropped {list(agg.dropped)}; min_nodes={cfg.min_nodes}."
                     )
-                params = optimizer.step(params, agg.mean_update())
+                if _sum_within_clip_bound(agg, cfg, rnd, secure=self.transport.name != "plain"):
+                    params = optimizer.step(params, agg.mean_update())
                 _check_finite(params, rnd)
                 eval_content = RecordDict(
                     {
@@ -427,6 +430,23 @@ def _arr(a: np.ndarray):  # type: ignore[no-untyped-def]
 
 def _nan(x: float | None) -> float:
     return float("nan") if x is None else float(x)
+
+
+def _sum_within_clip_bound(agg: AggregateResult, cfg: FederationConfig, rnd: int, *, secure: bool) -> bool:
+    """Under secure aggregation, verify the sum against the client-side clip bound.
+
+    A sum above ``weight_total * clip_norm`` proves an institution skipped
+    clipping; the round's update is then refused (model unchanged) and logged.
+    """
+    if not secure:
+        return True
+    try:
+        check_aggregate_norm(agg.update_sum, weight_total=agg.weight_total, clip_norm=cfg.clip_norm,
+                             round_number=rnd)
+    except FederationError as exc:
+        logger.error("%s", exc)
+        return False
+    return True
 
 
 def _check_finite(params: Sequence[np.ndarray], rnd: int) -> None:
