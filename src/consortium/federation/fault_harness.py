@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     institutions = sorted(p for p in Path(args.data).iterdir() if p.is_dir())
     nodes = [5000 + i for i in range(len(institutions))]
-    configs = {n: {"data-path": str(p), "institution": p.name} for n, p in zip(nodes, institutions, strict=True)}
+    configs: dict[int, dict[str, object]] = {
+        n: {"data-path": str(p), "institution": p.name} for n, p in zip(nodes, institutions, strict=True)
+    }
     cfg = FederationConfig(num_rounds=args.rounds, min_nodes=len(nodes), secure_aggregation=args.secure,
                            store_url=args.store, run_name=args.run_name, resume=args.resume,
                            round_timeout=args.round_timeout, strategy="fedadam")
