@@ -294,12 +294,14 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--store", "store_url", default="sqlite:///consortium.db", show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
+@click.option("--resume", default="", help="Continue an interrupted run after its last completed round: "
+              "a run id, or 'latest' (newest unfinished deployed run).")
 @_friendly_errors
 def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None, fleet_address: str,
                 database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
-                timeout: float) -> None:
+                timeout: float, resume: str) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
 
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
@@ -318,7 +320,7 @@ def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None,
     config = FederationConfig(
         num_rounds=rounds, strategy=strategy, model=model, min_nodes=min_nodes,  # type: ignore[arg-type]
         secure_aggregation=secure_aggregation, store_url=store_abs, run_name="deployed",
-        holdout_path=str(Path(holdout).resolve()) if holdout else "",
+        holdout_path=str(Path(holdout).resolve()) if holdout else "", resume=resume,
     )
     work = Path(work_dir).resolve()
     with start_coordinator(certs=cert_paths, insecure=insecure, fleet_address=fleet_address,

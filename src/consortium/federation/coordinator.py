@@ -36,7 +36,12 @@ from consortium.federation.thresholds import (
     threshold_from_histograms,
 )
 from consortium.federation.transport import Transport, create_transport
-from consortium.federation.validation import check_aggregate_norm
+from consortium.federation.validation import (
+    InvalidUpdateError,
+    check_aggregate_norm,
+    histograms_from_reply,
+    info_from_reply,
+)
 from consortium.models import (
     FeatureStats,
     Standardizer,
@@ -194,9 +199,13 @@ class Coordinator:
         schemas: dict[str, tuple[str, ...]] = {}
         disclose: dict[str, bool] = {}
         for r in replies:
-            info = r.content.config_records[m.INFO_RECORD]
-            name = str(info["institution"])
             node = r.metadata.src_node_id
+            try:
+                name, schema, disclosed = info_from_reply(r.content, institution=f"node {node}",
+                                                          info_key=m.INFO_RECORD)
+            except InvalidUpdateError as exc:
+                logger.warning("%s; the node is left out of this run.", exc)
+                continue
             other = next((n for n, existing in names.items() if existing == name), None)
             if other is not None:
                 raise FederationError(
@@ -204,8 +213,8 @@ class Coordinator:
                     "must run exactly one node (a stale node may still be connected: stop it and restart)."
                 )
             names[node] = name
-            schemas[name] = tuple(str(f) for f in info["feature-names"])  # type: ignore[union-attr]
-            disclose[name] = bool(info["disclose-eval"])
+            schemas[name] = schema
+            disclose[name] = disclosed
         if len(names) < self.config.min_nodes:
             raise FederationError(
                 f"Only {len(names)} institution(s) answered the info query; min_nodes={self.config.min_nodes}."
@@ -543,12 +552,18 @@ class Coordinator:
             if r.has_error():
                 logger.warning("evaluate: node %s failed: %s", r.metadata.src_node_id, r.error.reason)
                 continue
-            hist = r.content.array_records[m.VAL_HISTOGRAM]
-            neg += hist["neg"].numpy()
-            pos += hist["pos"].numpy()
-            met = dict(r.content.metric_records[m.METRICS])
+            name = names.get(r.metadata.src_node_id, str(r.metadata.src_node_id))
+            try:
+                h_neg, h_pos, met = histograms_from_reply(
+                    r.content, institution=name, bins=m.HISTOGRAM_BINS,
+                    histogram_key=m.VAL_HISTOGRAM, metrics_key=m.METRICS,
+                )
+            except InvalidUpdateError as exc:
+                logger.warning("evaluate: %s; left out of this evaluation.", exc)
+                continue
+            neg += h_neg
+            pos += h_pos
             if met.get("disclosed", 0):
-                name = names.get(r.metadata.src_node_id, str(r.metadata.src_node_id))
                 per_inst[name] = {
                     k: (float(v) if float(v) >= 0 else float("nan"))  # type: ignore[arg-type]
                     for k, v in met.items()

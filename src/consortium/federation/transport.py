@@ -11,7 +11,6 @@ benchmarks compare against.
 from __future__ import annotations
 
 import logging
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
@@ -24,7 +23,7 @@ from consortium.federation import messages as m
 from consortium.federation.aggregation import AggregateResult, weighted_sum
 from consortium.federation.config import FederationConfig
 from consortium.federation.robust import robust_aggregate
-from consortium.federation.validation import InvalidUpdateError, UpdateValidator
+from consortium.federation.validation import InvalidUpdateError, contribution_from_reply
 
 logger = logging.getLogger(__name__)
 
@@ -81,30 +80,21 @@ class PlainTransport(Transport):
         """
         asked = {msg.metadata.dst_node_id for msg in messages}
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        contributions = []
+        contributions: list[tuple[str, list[np.ndarray], float, dict[str, float]]] = []
         for r in replies:
             node = r.metadata.src_node_id
             name = names.get(node, str(node))
             if r.has_error():
                 logger.warning("Institution %s replied with an error: %s", name, r.error.reason)
                 continue
-            try:
-                arrays = r.content.array_records[m.UPDATE].to_numpy_ndarrays()
-                weight = float(r.content.metric_records[m.METRICS][m.WEIGHT])  # type: ignore[arg-type]
-                metrics = {
-                    k: float(v)  # type: ignore[arg-type]
-                    for k, v in r.content.metric_records[m.METRICS].items()
-                    if k != m.WEIGHT
-                }
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("Institution %s sent a malformed reply (%s); it is left out.", name, exc)
-                continue
-            ref = reference if reference is not None else arrays
             max_norm = config.max_update_norm if config is not None else None
             try:
-                arrays = UpdateValidator(ref, max_norm=max_norm).check(arrays, institution=name)
-                if not (math.isfinite(weight) and weight > 0):
-                    raise InvalidUpdateError(name, f"weight (num-examples) must be a finite number > 0, got {weight!r}")
+                # Statistics rounds have no reference: the first valid reply sets the shapes.
+                ref = reference if reference is not None else (contributions[0][1] if contributions else None)
+                arrays, weight, metrics = contribution_from_reply(
+                    r.content, institution=name, reference=ref, max_norm=max_norm,
+                    update_key=m.UPDATE, metrics_key=m.METRICS, weight_key=m.WEIGHT,
+                )
             except InvalidUpdateError as exc:
                 logger.warning("%s; it is left out of this round.", exc)
                 continue

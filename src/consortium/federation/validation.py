@@ -21,10 +21,13 @@ move the sum by at most its own ``w_i * clip_norm``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from consortium.errors import FederationError
 
@@ -117,3 +120,121 @@ def check_aggregate_norm(
             "institution did not clip its update. The round is refused and the model left unchanged."
         )
     return norm
+
+
+# --------------------------------------------------------------------------------------
+# Replies received by the coordinator (a trust boundary: any node may send anything)
+# --------------------------------------------------------------------------------------
+
+
+def _record(content: object, key: str, kind: type, *, institution: str) -> Any:
+    if not isinstance(content, RecordDict):
+        raise InvalidUpdateError(institution, f"the reply content is a {type(content).__name__}, not a RecordDict")
+    record = content.get(key)
+    if not isinstance(record, kind):
+        got = "nothing" if record is None else type(record).__name__
+        raise InvalidUpdateError(institution, f"the reply must carry a {kind.__name__} '{key}'; got {got}")
+    return record
+
+
+def _arrays(record: ArrayRecord, *, institution: str, key: str) -> list[np.ndarray]:
+    try:
+        return [np.asarray(record[name].numpy()) for name in record]
+    except Exception as exc:  # noqa: BLE001 - any decoding failure of untrusted bytes is a bad reply
+        reason = f"the arrays in '{key}' cannot be decoded ({type(exc).__name__})"
+        raise InvalidUpdateError(institution, reason) from None
+
+
+def _number(value: object, *, institution: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidUpdateError(institution, f"metric '{name}' must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidUpdateError(institution, f"metric '{name}' must be finite, got {number!r}")
+    return number
+
+
+def contribution_from_reply(
+    content: object,
+    *,
+    institution: str,
+    reference: Sequence[np.ndarray] | None,
+    max_norm: float | None = None,
+    update_key: str = "update",
+    metrics_key: str = "metrics",
+    weight_key: str = "num-examples",
+) -> tuple[list[np.ndarray], float, dict[str, float]]:
+    """Parse and validate one clear-text training/statistics reply.
+
+    Returns
+    -------
+    tuple
+        ``(arrays, weight, metrics)``.
+
+    Raises
+    ------
+    InvalidUpdateError
+        For any missing record, undecodable array, wrong shape/dtype, NaN/inf,
+        norm above ``max_norm``, or a weight/metric that is not a finite number
+        (weight must be > 0). Nothing else escapes.
+    """
+    arrays = _arrays(_record(content, update_key, ArrayRecord, institution=institution),
+                     institution=institution, key=update_key)
+    metrics_record = _record(content, metrics_key, MetricRecord, institution=institution)
+    if weight_key not in metrics_record:
+        raise InvalidUpdateError(institution, f"metric record '{metrics_key}' has no '{weight_key}'")
+    metrics = {str(k): _number(v, institution=institution, name=str(k)) for k, v in metrics_record.items()}
+    weight = metrics.pop(weight_key)
+    if not weight > 0:
+        raise InvalidUpdateError(institution, f"'{weight_key}' must be > 0, got {weight!r}")
+    if reference is None:
+        reference = [np.empty(a.shape, a.dtype) for a in arrays]
+        for i, a in enumerate(arrays):
+            if a.dtype.kind not in "iuf":
+                raise InvalidUpdateError(institution, f"tensor {i} has dtype {a.dtype}, expected a number type")
+    checked = UpdateValidator(reference, max_norm=max_norm).check(arrays, institution=institution)
+    return checked, weight, metrics
+
+
+def histograms_from_reply(
+    content: object, *, institution: str, bins: int, histogram_key: str = "val-histogram", metrics_key: str = "metrics"
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Parse an evaluation reply: validation-score histograms ``neg``/``pos`` and metrics.
+
+    Raises
+    ------
+    InvalidUpdateError
+        Missing records, histograms that are not ``bins`` finite counts >= 0,
+        or non-numeric metrics.
+    """
+    record = _record(content, histogram_key, ArrayRecord, institution=institution)
+    out = []
+    for name in ("neg", "pos"):
+        if name not in record:
+            raise InvalidUpdateError(institution, f"histogram record has no '{name}'")
+        try:
+            h = np.asarray(record[name].numpy(), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes
+            reason = f"histogram '{name}' cannot be decoded ({type(exc).__name__})"
+            raise InvalidUpdateError(institution, reason) from None
+        if h.shape != (bins,) or not np.all(np.isfinite(h)) or np.any(h < 0):
+            raise InvalidUpdateError(institution, f"histogram '{name}' must be {bins} finite counts >= 0")
+        out.append(h)
+    metrics_record = _record(content, metrics_key, MetricRecord, institution=institution)
+    metrics = {str(k): _number(v, institution=institution, name=str(k)) for k, v in metrics_record.items()}
+    return out[0], out[1], metrics
+
+
+def info_from_reply(content: object, *, institution: str, info_key: str = "info") -> tuple[str, tuple[str, ...], bool]:
+    """Parse a node's ``info`` reply: (institution name, feature names, disclose-eval)."""
+    info = _record(content, info_key, ConfigRecord, institution=institution)
+    name = info.get("institution")
+    features = info.get("feature-names")
+    disclose = info.get("disclose-eval")
+    if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 200:
+        raise InvalidUpdateError(institution, f"'institution' must be a printable name, got {name!r:.60}")
+    if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
+        raise InvalidUpdateError(institution, "'feature-names' must be a non-empty list of strings")
+    if not isinstance(disclose, bool):
+        raise InvalidUpdateError(institution, f"'disclose-eval' must be a bool, got {type(disclose).__name__}")
+    return name, tuple(features), disclose
