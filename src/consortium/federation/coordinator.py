@@ -514,7 +514,13 @@ class Coordinator:
         wait = 0.5
         while True:
             try:
-                self.store.record_round(run_id, record, hooks=self.round_hooks, **checkpoint)
+                hooks = list(self.round_hooks)
+
+                def also(session: Any) -> None:
+                    for hook in hooks:
+                        hook(session, run_id, record.round)
+
+                self.store.record_round(run_id, record, also=also if hooks else None, **checkpoint)
                 return
             except StoreError as exc:
                 try:

@@ -663,7 +663,6 @@ class RunStore:
         *,
         checkpoint: Sequence[np.ndarray] | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
-        hooks: Sequence[Callable[[Session, str, int], None]] = (),
     ) -> None:
         """Record a completed round and, optionally, the global model after it.
 
@@ -681,10 +680,6 @@ class RunStore:
             The global model's arrays after the round (exact dtype and shape kept).
         checkpoint_extra : mapping, optional
             JSON data stored with the checkpoint (needs ``checkpoint``).
-        hooks : sequence of callables
-            ``hook(session, run_id, round)`` run inside the same transaction,
-            for rows that must commit with the round or not at all (e.g. a
-            privacy-ledger charge). Run again if the transaction is retried.
 
         Raises
         ------
@@ -734,8 +729,6 @@ class RunStore:
                 )
             )
             _flush_or_raise(session, duplicate)
-            for hook in hooks:
-                hook(session, run_id, number)
             if checkpoint is None:
                 return
             # Serialised inside the transaction on purpose: a failure here rolls the
