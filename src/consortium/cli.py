@@ -10,6 +10,8 @@ Subcommands::
     consortium node                     one institution (Flower SuperNode + ClientApp)
     consortium runs list | show         what the run store holds
     consortium registry ...             signed model bundles and the model registry
+    consortium dashboard                the live dashboard (federation, privacy, models, fleet, alerts)
+    consortium enroll INSTITUTION       an institution's node key pair (what the operator registers)
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -457,10 +459,13 @@ def runs_show(run_id: str, store_url: str) -> None:
 
 main.add_command(registry_group)
 
+from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
+from consortium.edge.commands import edge  # noqa: E402
 from consortium.federation.enroll_command import enroll  # noqa: E402
 
+main.add_command(_dashboard_command)
+main.add_command(edge)
 main.add_command(enroll)
-
 
 if __name__ == "__main__":  # pragma: no cover
     main()
