@@ -512,14 +512,14 @@ class Coordinator:
         """
         deadline = time.monotonic() + self.config.round_timeout
         wait = 0.5
+        hooks = list(self.round_hooks)
+
+        def also(session: Any) -> None:
+            for hook in hooks:
+                hook(session, run_id, record.round)
+
         while True:
             try:
-                hooks = list(self.round_hooks)
-
-                def also(session: Any) -> None:
-                    for hook in hooks:
-                        hook(session, run_id, record.round)
-
                 self.store.record_round(run_id, record, also=also if hooks else None, **checkpoint)
                 return
             except StoreError as exc:
