@@ -23,11 +23,10 @@ directory so runs never share state, and turns failures into
 :class:`~consortium.errors.FederationError` messages that quote the end of the
 relevant log. See ``docs/deployment.md`` for the equivalent shell commands.
 
-SuperNode authentication (a later step) needs three additions, all here:
-``--enable-supernode-auth`` in :func:`build_superlink_command`,
-``--auth-supernode-private-key`` in :func:`build_supernode_command`, and a
-``flwr supernode register PUBLIC_KEY`` call next to :func:`submit_run`'s CLI
-helpers (see ``docs/deployment.md``).
+SuperNode authentication: ``node_auth=True`` in :func:`start_coordinator` adds
+``--enable-supernode-auth``, ``auth_key`` in :func:`start_node` adds
+``--auth-supernode-private-key``; :mod:`consortium.federation.enroll` makes the
+keys and registers them (``flwr supernode register``). See docs/reliability.md.
 """
 
 from __future__ import annotations
