@@ -371,6 +371,7 @@ def scenarios(quick: bool) -> list[tuple[str, Scenario]]:
         ("fuzz CSV loader", fuzz("csv", 15)),
         ("fuzz MQTT payloads (long)", fuzz("mqtt", 15)),
         ("fuzz coordinator replies (long)", fuzz("reply", 15)),
+        ("fuzz signed bundles", fuzz("bundle", 15)),
         ("coordinator SIGKILL mid-round + resume", coordinator_sigkill),
         ("run store (PostgreSQL) down 5 s mid-run", store_outage),
         ("unenrolled node joins / enrolled node revoked", unenrolled_and_revoked),

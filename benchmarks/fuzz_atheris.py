@@ -25,13 +25,14 @@ with atheris.instrument_imports(include=["consortium"]):
     from consortium.edge.messages import parse_message
     from consortium.errors import ConsortiumError
     from consortium.federation.validation import contribution_from_reply, histograms_from_reply, info_from_reply
+    from consortium.registry.bundle import BundleManifest, FeatureSpec, bundle_bytes, read_bundle
 
 import numpy as np  # noqa: E402
 from flwr.common.serde import recorddict_from_proto  # noqa: E402
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E402
 from google.protobuf.message import DecodeError  # noqa: E402
 
-TARGETS = ("npz", "csv", "mqtt", "reply")
+TARGETS = ("npz", "csv", "mqtt", "reply", "bundle")
 _TMP = Path(tempfile.mkdtemp(prefix="consortium-fuzz-"))
 _REF = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
 
@@ -77,6 +78,28 @@ def fuzz_reply(data: bytes) -> None:
     ):
         try:
             parse()
+        except ConsortiumError:
+            pass
+
+
+_BUNDLE_KEY = None
+
+
+def fuzz_bundle(data: bytes) -> None:
+    """Arbitrary bytes, and a valid signed bundle with the input XORed over it."""
+    global _BUNDLE_KEY  # noqa: PLW0603 - one key per fuzzing process
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    if _BUNDLE_KEY is None:
+        key = Ed25519PrivateKey.generate()
+        manifest = BundleManifest(model_version="m-1", kind="mlp", features=(FeatureSpec("a"),),
+                                  thresholds={"default": 0.5}, input_name="x", output_name="y")
+        _BUNDLE_KEY = (key.public_key(), bundle_bytes(onnx_model=b"onnx", manifest=manifest, private_key=key))
+    public, valid = _BUNDLE_KEY
+    mixed = bytes(b ^ (data[i] if i < len(data) else 0) for i, b in enumerate(valid)) if data[:1] == b"\x00" else data
+    for candidate in (data, mixed):
+        try:
+            read_bundle(candidate, public_key=public)
         except ConsortiumError:
             pass
 

@@ -230,3 +230,42 @@ def test_the_fuzzers_can_fail() -> None:
         contribution_from_reply(bad, institution="x", reference=REF)
     with pytest.raises(MessageError):
         parse_message("consortium/bank_a/pos-1/alerts", b"\xff")
+
+
+# ------------------------------------------------------------------ signed bundles (registry branch)
+
+
+@pytest.fixture(scope="module")
+def signed_bundle() -> tuple[bytes, object, object]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    from consortium.registry.bundle import BundleManifest, FeatureSpec, bundle_bytes  # noqa: PLC0415
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    manifest = BundleManifest(model_version="m-1", kind="mlp", features=(FeatureSpec("a"),),
+                              thresholds={"default": 0.5}, input_name="x", output_name="y")
+    return bundle_bytes(onnx_model=b"not really onnx", manifest=manifest, private_key=key), key.public_key(), \
+        other.public_key()
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 100_000), st.integers(1, 255)), min_size=1, max_size=6),
+       cut=st.integers(0, 100_000), mode=st.sampled_from(["flip", "truncate", "wrong-key"]))
+def test_bundle_reader_refuses_every_tampered_bundle(signed_bundle, flips, cut: int, mode: str) -> None:  # type: ignore[no-untyped-def]
+    from consortium.registry.bundle import BundleError, read_bundle  # noqa: PLC0415
+
+    data, public, other = signed_bundle
+    assert read_bundle(data, public_key=public).onnx_bytes == b"not really onnx"
+    tampered = bytearray(data)
+    if mode == "flip":
+        for pos, xor in flips:
+            tampered[pos % len(tampered)] ^= xor
+    elif mode == "truncate":
+        tampered = tampered[: cut % len(tampered)]
+    key = other if mode == "wrong-key" else public
+    try:
+        bundle = read_bundle(bytes(tampered), public_key=key)
+    except BundleError:
+        return
+    # Accepted only if what it says is what was signed (a flip in zip padding/metadata can be harmless).
+    assert mode == "flip" and bundle.onnx_bytes == b"not really onnx" and bundle.manifest.model_version == "m-1"

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -602,7 +603,7 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
         raise BundleError(f"The {where} is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES}.")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise BundleError(f"The {where} is not a bundle archive (not a readable zip file: {exc}).") from None
     with archive:
         infos = archive.infolist()
@@ -631,7 +632,8 @@ def _members(data: bytes, where: str) -> dict[str, bytes]:
             try:
                 with archive.open(info) as handle:
                     content = handle.read(limit + 1)
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as exc:
+                # zlib.error: a tampered deflate stream (found by tests/test_fuzz_parsers.py)
                 raise BundleError(
                     f"The {where} is corrupt or tampered with: member {info.filename!r} cannot be read ({exc})."
                 ) from None
