@@ -12,6 +12,7 @@ Subcommands::
     consortium dashboard                the live dashboard (federation, privacy, models, fleet, alerts)
     consortium registry ...             signed model bundles and the model registry
     consortium edge vision ...          count vehicles on an edge device, send only counts
+    consortium enroll INSTITUTION       an institution's node key pair (what the operator registers)
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -320,6 +321,8 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--certs", "certs_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory made by 'consortium certs' (TLS on every link to the coordinator).")
 @click.option("--insecure", is_flag=True, help="No TLS (plain text). For local experiments only.")
+@click.option("--enrolled", "enrolled_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory of <institution>.pub keys (made by 'consortium enroll'): only these may join.")
 @click.option("--address", "fleet_address", default="127.0.0.1:9092", show_default=True,
               help="host:port the coordinator listens on (institutions' nodes and run submission).")
 @click.option("--database", type=click.Path(dir_okay=False), default=None,
@@ -335,12 +338,15 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--store", "store_url", default="sqlite:///consortium.db", show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
+@click.option("--resume", default="", help="Continue an interrupted run after its last completed round: "
+              "a run id, or 'latest' (newest unfinished deployed run).")
 @publish_options
 @_friendly_errors
-def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int,
+def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None, fleet_address: str,
+                database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
-                timeout: float, **publish: Any) -> None:
+                timeout: float, resume: str, **publish: Any) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
 
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
@@ -349,21 +355,30 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
     check_publish_options(publish)
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.deploy import start_coordinator, submit_run  # noqa: PLC0415
+    from consortium.federation.enroll import RefusalWatcher, load_enrolled_keys, register_nodes  # noqa: PLC0415
 
     cert_paths = _cert_paths(certs_dir, insecure)
+    if not insecure and enrolled_dir is None:
+        raise click.UsageError("Give --enrolled DIR (the institutions' public keys, made by 'consortium enroll'): "
+                               "only enrolled institutions may join. --insecure turns TLS and this check off.")
+    enrolled = load_enrolled_keys(enrolled_dir) if enrolled_dir is not None and not insecure else None
     store_abs = _absolute_sqlite(store_url)
     config = FederationConfig(
         num_rounds=rounds, strategy=strategy, model=model, min_nodes=min_nodes,  # type: ignore[arg-type]
         secure_aggregation=secure_aggregation, store_url=store_abs, run_name="deployed",
-        holdout_path=str(Path(holdout).resolve()) if holdout else "",
+        holdout_path=str(Path(holdout).resolve()) if holdout else "", resume=resume,
     )
     work = Path(work_dir).resolve()
     with start_coordinator(certs=cert_paths, insecure=insecure, fleet_address=fleet_address,
-                           work_dir=work, database=database) as coord:
+                           work_dir=work, database=database, node_auth=enrolled is not None) as coord:
         coord.wait_ready()
+        if enrolled is not None:
+            ids = register_nodes(coord, enrolled)
+            click.echo(f"Enrolled institutions: {', '.join(f'{k} (node {v})' for k, v in ids.items())}")
         click.echo(f"Coordinator listening for institutions on {coord.addresses.fleet}"
                    f" ({'TLS' if cert_paths else 'INSECURE plain text'}); waiting for {min_nodes} node(s)")
-        outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout)
+        with RefusalWatcher(coord):
+            outcome = submit_run(coord, run_config=config.to_run_config(), timeout=timeout)
     click.echo(f"Flower run {outcome.run_id}: {outcome.status}")
     if not outcome.succeeded:
         raise click.ClickException(f"The federated run did not complete: {outcome.status} {outcome.details}")
@@ -383,21 +398,28 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
 @click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CA certificate that signed the coordinator's certificate.")
 @click.option("--insecure", is_flag=True, help="No TLS (plain text). For local experiments only.")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), default=None,
+              help="This institution's private key from 'consortium enroll' (mode 0600).")
 @click.option("--disclose-eval/--no-disclose-eval", default=True, show_default=True,
               help="Share metrics on this institution's own test split with the coordinator.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None)
 @_friendly_errors
 def node(data_path: str, institution: str, fleet_address: str, ca_cert: str | None, insecure: bool,
-         disclose_eval: bool, work_dir: str | None) -> None:
+         key_path: str | None, disclose_eval: bool, work_dir: str | None) -> None:
     """Run one institution's node: Flower SuperNode with the consortium ClientApp."""
     from consortium.federation.deploy import start_node  # noqa: PLC0415
 
     if not insecure and ca_cert is None:
         raise click.UsageError("Give --ca-cert (TLS) or --insecure (plain text, local experiments only).")
+    if insecure:
+        click.echo("WARNING: --insecure: this node's traffic is NOT encrypted and NOT authenticated.", err=True)
+    elif key_path is None:
+        raise click.UsageError("Give --key (this institution's private key, made by 'consortium enroll').")
     work = Path(work_dir or f"node-{institution}").resolve()
     proc = start_node(fleet_address=fleet_address, ca_cert=Path(ca_cert) if ca_cert else None,
                       insecure=insecure, data_path=Path(data_path).resolve(), institution=institution,
-                      work_dir=work, extra_node_config={"disclose-eval": "true" if disclose_eval else "false"})
+                      work_dir=work, extra_node_config={"disclose-eval": "true" if disclose_eval else "false"},
+                      auth_key=key_path)
     # SIGTERM (systemd, kill, CI) must stop the SuperNode too, not orphan it.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -406,6 +428,7 @@ def node(data_path: str, institution: str, fleet_address: str, ca_cert: str | No
                    f"(log: {proc.log_file})")
         while proc.is_running():
             time.sleep(1.0)
+        raise click.ClickException(proc.exit_explanation())
     except KeyboardInterrupt:
         pass
     finally:
@@ -475,10 +498,12 @@ main.add_command(registry_group)
 
 from consortium.dashboard.commands import dashboard as _dashboard_command  # noqa: E402
 from consortium.edge.commands import edge  # noqa: E402
+from consortium.federation.enroll_command import enroll  # noqa: E402
 
 edge.add_command(vision)  # issue 9: `consortium edge vision ...`
 main.add_command(_dashboard_command)
 main.add_command(edge)
+main.add_command(enroll)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -269,26 +269,31 @@ _TYPES: dict[str, dict[str, Any]] = {
 def _check_type(value: Any, annotation: str, *, where: str, name: str) -> Any:
     """Check one decoded JSON value against the field's (string) annotation."""
     ann = str(annotation)
-    bad = f"{where}: field {name!r} must be {{}}. Got {type(value).__name__} {value!r:.60} instead."
+    got = f"Got {type(value).__name__} {value!r:.60} instead."
+
+    def bad(expected: str) -> str:
+        # Not str.format: the value and the topic in `where` are untrusted and may hold braces.
+        return f"{where}: field {name!r} must be {expected}. {got}"
+
     if ann == "str" or ann.startswith("Literal"):
         if not isinstance(value, str):
-            raise MessageError(bad.format("a string"))
+            raise MessageError(bad("a string"))
         if ann.startswith("Literal"):
             allowed = re.findall(r"'([^']*)'", ann)
             if value not in allowed:
-                raise MessageError(bad.format(f"one of {allowed}"))
+                raise MessageError(bad(f"one of {allowed}"))
         return value
     if ann == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise MessageError(bad.format("an integer"))
+            raise MessageError(bad("an integer"))
         return value
     if ann == "float":
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise MessageError(bad.format("a finite number"))
+            raise MessageError(bad("a finite number"))
         return float(value)
     if ann.startswith("dict"):
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise MessageError(bad.format("a JSON object"))
+            raise MessageError(bad("a JSON object"))
         return value
     raise AssertionError(f"unhandled annotation {ann}")  # pragma: no cover - schema bug
 

@@ -85,6 +85,22 @@ class FederationConfig:
         Simulation only: directory with one sub-directory per institution.
     seed : int
         Seed for model initialisation and sampling.
+    aggregation : {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
+        How clear-text updates are combined (see
+        :mod:`consortium.federation.robust`); anything but ``"mean"`` needs
+        ``secure_aggregation=False``, because robust rules see each update.
+    trim_fraction : float
+        ``trimmed-mean``: fraction cut at each end of every coordinate.
+    byzantine_nodes : int
+        ``krum``/``multi-krum``: assumed number of Byzantine institutions.
+    max_update_norm : float
+        Clear-text transport: updates whose L2 norm exceeds this are rejected
+        (0 disables). Under secure aggregation ``clip_norm`` bounds updates
+        client-side and the coordinator verifies the sum.
+    resume : str
+        Continue an interrupted run from its last completed round: a run id,
+        or ``"latest"`` for the newest unfinished run named ``run_name``
+        (``""``: start a new run).
     """
 
     num_rounds: int = 10
@@ -118,6 +134,11 @@ class FederationConfig:
     holdout_path: str = ""
     data_dir: str = ""
     seed: int = 0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    byzantine_nodes: int = 1
+    max_update_norm: float = 0.0
+    resume: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -157,6 +178,18 @@ class FederationConfig:
                 raise param_error(name, owner, "a float > 0", getattr(self, name))
         if not 0 < self.max_fpr < 1:
             raise param_error("max_fpr", owner, "a float in (0, 1)", self.max_fpr)
+        from consortium.federation.robust import check_rule  # noqa: PLC0415
+
+        check_rule(self.aggregation, trim_fraction=self.trim_fraction,
+                   byzantine_nodes=self.byzantine_nodes, owner=owner)
+        if self.secure_aggregation and self.aggregation != "mean":
+            raise param_error(
+                "aggregation", owner,
+                "'mean' under secure aggregation (robust rules need each update; use "
+                "secure_aggregation=False, or rely on clip_norm)", self.aggregation,
+            )
+        if not self.max_update_norm >= 0:
+            raise param_error("max_update_norm", owner, "a float >= 0 (0: no bound)", self.max_update_norm)
 
     @property
     def effective_proximal_mu(self) -> float:

@@ -24,17 +24,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from consortium.data import Dataset, load_npz
-from consortium.errors import FederationError
+from consortium.errors import FederationError, StoreError
 from consortium.federation import messages as m
+from consortium.federation.aggregation import AggregateResult
 from consortium.federation.config import FederationConfig
 from consortium.federation.exact_sum import decode_limb_sums
-from consortium.federation.server_optimizers import create_server_optimizer
+from consortium.federation.server_optimizers import ServerOptimizer, create_server_optimizer
 from consortium.federation.thresholds import (
     auprc_from_histograms,
     from_unit_interval,
     threshold_from_histograms,
 )
 from consortium.federation.transport import Transport, create_transport
+from consortium.federation.validation import (
+    InvalidUpdateError,
+    check_aggregate_norm,
+    histograms_from_reply,
+    info_from_reply,
+)
 from consortium.models import (
     FeatureStats,
     Standardizer,
@@ -45,7 +52,7 @@ from consortium.models import (
     predict_scores,
     set_parameters,
 )
-from consortium.registry import RoundRecord, RunStore
+from consortium.registry import RoundRecord, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +92,32 @@ class RunResult:
 
 
 RoundCallback = Callable[[RoundReport], None]
+RoundHook = Callable[[Any, str, int], None]
+"""``hook(session, run_id, round)``: extra writes committed with a round (see :attr:`Coordinator.round_hooks`)."""
+
+
+def find_resumable_run(store: RunStore, config: FederationConfig) -> RunRecord | None:
+    """The run ``config.resume`` names: a run id, or ``"latest"`` unfinished run named ``config.run_name``.
+
+    Returns None for ``"latest"`` when there is no unfinished run (a new run starts).
+
+    Raises
+    ------
+    StoreError
+        An explicit run id that the store does not know.
+    FederationError
+        An explicit run that already completed.
+    """
+    if config.resume == "latest":
+        for run in store.list_runs(limit=1000):
+            if run.name == config.run_name and run.status != "completed":
+                return run
+        logger.info("No unfinished run named %r to resume; starting a new run.", config.run_name)
+        return None
+    run = store.get_run(config.resume)
+    if run.status == "completed":
+        raise FederationError(f"Run {run.run_id} already completed; there is nothing to resume.")
+    return run
 
 
 class Coordinator:
@@ -122,6 +155,9 @@ class Coordinator:
         initial_parameters: Sequence[np.ndarray] | None = None,
         initial_standardizer: Standardizer | None = None,
     ) -> None:
+        self.round_hooks: list[RoundHook] = []
+        """Called as ``hook(session, run_id, round)`` inside the transaction that records a round
+        (e.g. the privacy ledger's charge), so both commit together or not at all."""
         self.config = config
         self.initial_parameters = None if initial_parameters is None else [np.asarray(p) for p in initial_parameters]
         self.initial_standardizer = initial_standardizer
@@ -173,9 +209,13 @@ class Coordinator:
         schemas: dict[str, tuple[str, ...]] = {}
         disclose: dict[str, bool] = {}
         for r in replies:
-            info = r.content.config_records[m.INFO_RECORD]
-            name = str(info["institution"])
             node = r.metadata.src_node_id
+            try:
+                name, schema, disclosed = info_from_reply(r.content, institution=f"node {node}",
+                                                          info_key=m.INFO_RECORD)
+            except InvalidUpdateError as exc:
+                logger.warning("%s; the node is left out of this run.", exc)
+                continue
             other = next((n for n, existing in names.items() if existing == name), None)
             if other is not None:
                 raise FederationError(
@@ -183,8 +223,8 @@ class Coordinator:
                     "must run exactly one node (a stale node may still be connected: stop it and restart)."
                 )
             names[node] = name
-            schemas[name] = tuple(str(f) for f in info["feature-names"])  # type: ignore[union-attr]
-            disclose[name] = bool(info["disclose-eval"])
+            schemas[name] = schema
+            disclose[name] = disclosed
         if len(names) < self.config.min_nodes:
             raise FederationError(
                 f"Only {len(names)} institution(s) answered the info query; min_nodes={self.config.min_nodes}."
@@ -225,6 +265,10 @@ class Coordinator:
         node_ids = self.wait_for_nodes(grid)
         names, feature_names, disclose = self.discover(grid, node_ids)
         node_ids = sorted(names)
+        optimizer = create_server_optimizer(cfg)
+        resumed = find_resumable_run(self.store, cfg) if cfg.resume else None
+        if resumed is not None:
+            return self._continue(grid, resumed, node_ids, names, feature_names, optimizer)
         stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
         standardizer = self.initial_standardizer or stats.standardizer()
         pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
@@ -232,7 +276,6 @@ class Coordinator:
         if self.initial_parameters is not None:  # continue from a given model (checked layer by layer)
             set_parameters(model, self.initial_parameters)
         params = get_parameters(model)
-        optimizer = create_server_optimizer(cfg)
         institutions = tuple(names[n] for n in node_ids)
         run_config: dict[str, Any] = dict(cfg.to_run_config())
         run_config.update(
@@ -251,6 +294,96 @@ class Coordinator:
             run_id, len(institutions), list(institutions), len(feature_names), stats.positive_rate,
             pos_weight, self.transport.name,
         )
+        return self._rounds(
+            grid, run_id=run_id, first_round=1, node_ids=node_ids, names=names, feature_names=feature_names,
+            disclose=disclose, institutions=institutions, params=params, standardizer=standardizer,
+            pos_weight=pos_weight, optimizer=optimizer, reports=[], threshold=0.5, best=(-1.0, 0, params, 0.5),
+        )
+
+    def _continue(
+        self,
+        grid: Grid,
+        run: RunRecord,
+        node_ids: list[int],
+        names: dict[int, str],
+        feature_names: tuple[str, ...],
+        optimizer: ServerOptimizer,
+    ) -> RunResult:
+        """Resume ``run`` after its last completed round, from that round's checkpoint."""
+        cfg = self.config
+        recorded = tuple(str(f) for f in run.config.get("feature-names", ()))
+        if recorded != feature_names:
+            raise FederationError(
+                f"Cannot resume run {run.run_id}: the institutions now have features {list(feature_names)[:5]}..., "
+                f"the run was trained on {list(recorded)[:5]}...."
+            )
+        strangers = sorted(set(names.values()) - set(run.institutions))
+        if strangers:
+            raise FederationError(
+                f"Cannot resume run {run.run_id}: institution(s) {strangers} did not take part in it "
+                f"(its institutions: {list(run.institutions)}). Start a new run to add institutions."
+            )
+        last = self.store.last_completed_round(run.run_id)
+        ckpt = self.store.load_checkpoint(run.run_id, round=last) if last else None
+        if ckpt is None:
+            logger.warning("Run %s has no completed round; restarting it from round 1.", run.run_id)
+            stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
+            standardizer = stats.standardizer()
+            params = get_parameters(build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed))
+            threshold = 0.5
+        else:
+            n = int(ckpt.extra["n_params"])
+            params = [a.copy() for a in ckpt.arrays[:n]]
+            standardizer = Standardizer(mean=ckpt.arrays[n], std=ckpt.arrays[n + 1])
+            optimizer.load_state_arrays(ckpt.arrays[n + 2 :])
+            threshold = float(ckpt.extra["threshold"])
+        pos_weight = float(run.config.get("pos-weight", 0.0))
+        reports: list[RoundReport] = []
+        best: tuple[float, int, list[np.ndarray] | None, float] = (-1.0, 0, params, threshold)
+        for rr in self.store.rounds(run.run_id):
+            g = rr.global_metrics
+            reports.append(
+                RoundReport(
+                    round=rr.round, participants=rr.participants, dropped=rr.dropped,
+                    train_metrics=rr.train_metrics, global_metrics=g, institution_metrics={},
+                    threshold=float(g.get("threshold", threshold)), seconds=float(g.get("seconds", 0.0)),
+                )
+            )
+            val = float(g.get("val-auprc", float("nan")))
+            if not val <= best[0]:
+                best = (val if np.isfinite(val) else -1.0, rr.round, None, float(g.get("threshold", threshold)))
+        logger.warning(
+            "Resuming run %s after round %d of %d (checkpoint of round %d); institutions now: %s",
+            run.run_id, last, cfg.num_rounds, last, sorted(names.values()),
+        )
+        return self._rounds(
+            grid, run_id=run.run_id, first_round=last + 1, node_ids=node_ids, names=names,
+            feature_names=feature_names, disclose=dict(run.config.get("disclosure", {})),
+            institutions=tuple(run.institutions), params=params, standardizer=standardizer, pos_weight=pos_weight,
+            optimizer=optimizer, reports=reports, threshold=threshold, best=best,
+        )
+
+    def _rounds(
+        self,
+        grid: Grid,
+        *,
+        run_id: str,
+        first_round: int,
+        node_ids: list[int],
+        names: dict[int, str],
+        feature_names: tuple[str, ...],
+        disclose: dict[str, bool],
+        institutions: tuple[str, ...],
+        params: list[np.ndarray],
+        standardizer: Standardizer,
+        pos_weight: float,
+        optimizer: ServerOptimizer,
+        reports: list[RoundReport],
+        threshold: float,
+        best: tuple[float, int, list[np.ndarray] | None, float],
+    ) -> RunResult:
+        """Rounds ``first_round..num_rounds`` of run ``run_id``; finish the run."""
+        cfg = self.config
         std_record = ArrayRecord({"mean": _arr(standardizer.mean), "std": _arr(standardizer.std)})
         base_config: dict[str, int | float | str] = {
             "model": cfg.model,
@@ -267,11 +400,8 @@ class Coordinator:
             "proximal-mu": cfg.effective_proximal_mu,
             "histogram-bins": m.HISTOGRAM_BINS,
         }
-        reports: list[RoundReport] = []
-        threshold = 0.5
-        best: tuple[float, int, list[np.ndarray], float] = (-1.0, 0, params, threshold)
         try:
-            for rnd in range(1, cfg.num_rounds + 1):
+            for rnd in range(first_round, cfg.num_rounds + 1):
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
                 sampled = self._sample(grid, node_ids, rnd)
@@ -290,7 +420,8 @@ class Coordinator:
                         f"Round {rnd}: only {len(agg.participants)} institution(s) contributed "
                         f"({list(agg.participants)}); dropped {list(agg.dropped)}; min_nodes={cfg.min_nodes}."
                     )
-                params = optimizer.step(params, agg.mean_update())
+                if _sum_within_clip_bound(agg, cfg, rnd, secure=self.transport.name != "plain"):
+                    params = optimizer.step(params, agg.mean_update())
                 _check_finite(params, rnd)
                 eval_content = RecordDict(
                     {
@@ -326,7 +457,7 @@ class Coordinator:
                     global_metrics={**global_metrics, "threshold": threshold, "seconds": seconds},
                 )
                 checkpoint = [*params, standardizer.mean, standardizer.std, *optimizer.state_arrays()]
-                self.store.record_round(
+                self._record_round_durably(
                     run_id,
                     record,
                     checkpoint=checkpoint,
@@ -364,7 +495,10 @@ class Coordinator:
         except Exception as exc:
             self.store.finish_run(run_id, status="failed", message=f"{type(exc).__name__}: {exc}")
             raise
-        _, selected_round, params, threshold = best
+        _, selected_round, best_params, threshold = best
+        if best_params is None:  # the best round was recorded before a restart
+            best_params = list(self.store.load_checkpoint(run_id, round=selected_round).arrays[: len(params)])
+        params = best_params
         self.store.finish_run(
             run_id, status="completed", message=f"selected round {selected_round} (best validation AUPRC)"
         )
@@ -379,6 +513,41 @@ class Coordinator:
             selected_round=selected_round,
             extra={"disclosure": disclose, "pos_weight": pos_weight},
         )
+
+    def _record_round_durably(self, run_id: str, record: RoundRecord, **checkpoint: Any) -> None:
+        """Record a round and its checkpoint (one transaction), riding out a store outage.
+
+        The store itself retries briefly; if it stays unreachable, this keeps
+        retrying for up to ``round_timeout`` seconds. A commit whose
+        acknowledgement was lost is recognised on retry (the round is then
+        already there) and not written twice. Nothing partial is ever stored.
+        """
+        deadline = time.monotonic() + self.config.round_timeout
+        wait = 0.5
+        hooks = list(self.round_hooks)
+
+        def also(session: Any) -> None:
+            for hook in hooks:
+                hook(session, run_id, record.round)
+
+        while True:
+            try:
+                self.store.record_round(run_id, record, also=also if hooks else None, **checkpoint)
+                return
+            except StoreError as exc:
+                try:
+                    if self.store.last_completed_round(run_id) >= record.round:
+                        logger.warning("Round %d of run %s was committed before the connection broke.",
+                                       record.round, run_id)
+                        return
+                except StoreError:
+                    pass
+                if time.monotonic() + wait > deadline:
+                    raise
+                logger.warning("Run store unavailable while recording round %d (%s); retrying in %.1f s",
+                               record.round, exc, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
 
     def _sample(self, grid: Grid, node_ids: Sequence[int], rnd: int) -> list[int]:
         connected = set(grid.get_node_ids())
@@ -401,12 +570,18 @@ class Coordinator:
             if r.has_error():
                 logger.warning("evaluate: node %s failed: %s", r.metadata.src_node_id, r.error.reason)
                 continue
-            hist = r.content.array_records[m.VAL_HISTOGRAM]
-            neg += hist["neg"].numpy()
-            pos += hist["pos"].numpy()
-            met = dict(r.content.metric_records[m.METRICS])
+            name = names.get(r.metadata.src_node_id, str(r.metadata.src_node_id))
+            try:
+                h_neg, h_pos, met = histograms_from_reply(
+                    r.content, institution=name, bins=m.HISTOGRAM_BINS,
+                    histogram_key=m.VAL_HISTOGRAM, metrics_key=m.METRICS,
+                )
+            except InvalidUpdateError as exc:
+                logger.warning("evaluate: %s; left out of this evaluation.", exc)
+                continue
+            neg += h_neg
+            pos += h_pos
             if met.get("disclosed", 0):
-                name = names.get(r.metadata.src_node_id, str(r.metadata.src_node_id))
                 per_inst[name] = {
                     k: (float(v) if float(v) >= 0 else float("nan"))  # type: ignore[arg-type]
                     for k, v in met.items()
@@ -439,6 +614,23 @@ def _arr(a: np.ndarray):  # type: ignore[no-untyped-def]
 
 def _nan(x: float | None) -> float:
     return float("nan") if x is None else float(x)
+
+
+def _sum_within_clip_bound(agg: AggregateResult, cfg: FederationConfig, rnd: int, *, secure: bool) -> bool:
+    """Under secure aggregation, verify the sum against the client-side clip bound.
+
+    A sum above ``weight_total * clip_norm`` proves an institution skipped
+    clipping; the round's update is then refused (model unchanged) and logged.
+    """
+    if not secure:
+        return True
+    try:
+        check_aggregate_norm(agg.update_sum, weight_total=agg.weight_total, clip_norm=cfg.clip_norm,
+                             round_number=rnd)
+    except FederationError as exc:
+        logger.error("%s", exc)
+        return False
+    return True
 
 
 def _check_finite(params: Sequence[np.ndarray], rnd: int) -> None:

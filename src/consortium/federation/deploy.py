@@ -23,11 +23,10 @@ directory so runs never share state, and turns failures into
 :class:`~consortium.errors.FederationError` messages that quote the end of the
 relevant log. See ``docs/deployment.md`` for the equivalent shell commands.
 
-SuperNode authentication (a later step) needs three additions, all here:
-``--enable-supernode-auth`` in :func:`build_superlink_command`,
-``--auth-supernode-private-key`` in :func:`build_supernode_command`, and a
-``flwr supernode register PUBLIC_KEY`` call next to :func:`submit_run`'s CLI
-helpers (see ``docs/deployment.md``).
+SuperNode authentication: ``node_auth=True`` in :func:`start_coordinator` adds
+``--enable-supernode-auth``, ``auth_key`` in :func:`start_node` adds
+``--auth-supernode-private-key``; :mod:`consortium.federation.enroll` makes the
+keys and registers them (``flwr supernode register``). See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -57,6 +56,8 @@ from types import TracebackType
 
 from consortium.errors import ConfigError, DataError, FederationError, param_error
 from consortium.federation.certs import CertificatePaths
+from consortium.federation.enroll import load_node_private_key, node_was_refused, refusal_on_node
+from consortium.keyfiles import check_private_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +328,8 @@ class CoordinatorProcess(FlowerProcess):
         CA certificate clients verify it with (``None`` when insecure).
     insecure : bool
         Whether it serves plain HTTP.
+    node_auth : bool
+        Whether only enrolled SuperNodes may join.
     """
 
     def __init__(
@@ -339,6 +342,7 @@ class CoordinatorProcess(FlowerProcess):
         addresses: CoordinatorAddresses,
         ca_cert: Path | None,
         insecure: bool,
+        node_auth: bool = False,
     ) -> None:
         super().__init__(
             name=f"SuperLink at {addresses.fleet}",
@@ -350,6 +354,7 @@ class CoordinatorProcess(FlowerProcess):
         self.addresses = addresses
         self.ca_cert = ca_cert
         self.insecure = insecure
+        self.node_auth = node_auth
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the SuperLink answers its health check over TLS.
@@ -419,6 +424,7 @@ class NodeProcess(FlowerProcess):
         work_dir: Path,
         institution: str,
         fleet_address: str,
+        auth_key: Path | None = None,
     ) -> None:
         super().__init__(
             name=f"SuperNode '{institution}'",
@@ -429,6 +435,7 @@ class NodeProcess(FlowerProcess):
         )
         self.institution = institution
         self.fleet_address = fleet_address
+        self.auth_key = auth_key
         self._node_id: int | None = None
 
     @property
@@ -459,6 +466,8 @@ class NodeProcess(FlowerProcess):
                     "%s connected to %s as node %s", self.name, self.fleet_address, self._node_id
                 )
                 return self._node_id
+            if not self.is_running() and node_was_refused(self.log_text()):
+                raise refusal_on_node(self.institution, self.auth_key, self.log_tail())
             self.raise_if_exited(f"before connecting to the coordinator at {self.fleet_address}")
             if time.monotonic() > deadline:
                 raise FederationError(
@@ -466,6 +475,21 @@ class NodeProcess(FlowerProcess):
                     f"within {timeout:.0f} s. Last lines of {self.log_file}:\n{self.log_tail()}"
                 )
             time.sleep(_POLL_SECONDS)
+
+    def exit_explanation(self) -> str:
+        """Why the node stopped, for a node that exited (refused, revoked or failed)."""
+        code = self.returncode
+        log = self.log_text()
+        if node_was_refused(log):
+            return str(refusal_on_node(self.institution, self.auth_key, self.log_tail()))
+        if self._node_id is not None and self.auth_key is not None and code == 0:
+            return (
+                f"{self.name} (node {self._node_id}) left the federation: the coordinator at "
+                f"{self.fleet_address} stopped accepting its requests. Its key was revoked, or the "
+                "coordinator was reset; restart the node, and if it is refused ask the operator "
+                "to enrol its key again."
+            )
+        return f"{self.name} exited with code {code}. Last lines of {self.log_file}:\n{self.log_tail()}"
 
     def __enter__(self) -> NodeProcess:
         return self
@@ -482,6 +506,7 @@ def build_superlink_command(
     port: int,
     certs: CertificatePaths | None,
     database: Path | None = None,
+    node_auth: bool = False,
 ) -> list[str]:
     """The ``flower-superlink`` command line for a coordinator.
 
@@ -493,6 +518,9 @@ def build_superlink_command(
         TLS files; ``None`` adds ``--insecure``.
     database : Path or None
         SQLite file for the SuperLink's state; ``None`` keeps it in memory.
+    node_auth : bool
+        Accept only SuperNodes whose public key was registered
+        (``--enable-supernode-auth``; needs TLS).
     """
     command = [str(flower_executable("flower-superlink")), "--host", host, "--port", str(port)]
     if certs is None:
@@ -505,6 +533,8 @@ def build_superlink_command(
         ]  # fmt: skip
     if database is not None:
         command += ["--database", str(database)]
+    if node_auth:
+        command.append("--enable-supernode-auth")
     # The consortium package is already installed; never `uv sync` app dependencies.
     command.append("--disable-runtime-dependency-installation")
     return command
@@ -518,6 +548,7 @@ def build_supernode_command(
     node_config_file: Path,
     runtime_host: str,
     runtime_port: int,
+    auth_key: Path | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line for one institution.
 
@@ -535,6 +566,9 @@ def build_supernode_command(
     runtime_host, runtime_port : str, int
         Where this SuperNode serves the Runtime API its ClientApp processes use.
         Every SuperNode on one machine needs its own port.
+    auth_key : Path or None
+        The institution's enrolment private key
+        (``--auth-supernode-private-key``), for a coordinator with node auth.
     """
     command = [str(flower_executable("flower-supernode")), "--superlink", fleet_address]
     if insecure:
@@ -546,6 +580,8 @@ def build_supernode_command(
         "--host", runtime_host,
         "--port", str(runtime_port),
     ]  # fmt: skip
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
     return command
 
 
@@ -557,6 +593,7 @@ def start_coordinator(
     work_dir: str | Path,
     log_file: str | Path | None = None,
     database: str | Path | None = None,
+    node_auth: bool = False,
 ) -> CoordinatorProcess:
     """Start a SuperLink serving the consortium over TLS.
 
@@ -579,6 +616,11 @@ def start_coordinator(
         Where the SuperLink's output goes; default ``work_dir/superlink.log``.
     database : str or Path or None
         SQLite file that keeps runs across restarts; default in memory.
+    node_auth : bool
+        Only enrolled institutions may join: SuperNodes must sign their
+        requests with a key registered through
+        :func:`consortium.federation.enroll.register_nodes`. Needs TLS.
+        ``consortium coordinator`` turns it on unless ``--insecure``.
 
     Returns
     -------
@@ -596,6 +638,10 @@ def start_coordinator(
             f"{owner} needs TLS certificates (create them with `consortium certs DIR`); "
             "pass insecure=True only to experiment without TLS."
         )
+    if node_auth and certs is None:
+        raise ConfigError(
+            f"{owner} got node_auth=True without TLS certificates; node authentication needs TLS."
+        )
     bind = _parse_address(fleet_address, name="fleet_address", owner=owner)
     if certs is not None:
         certs = CertificatePaths(
@@ -604,6 +650,7 @@ def start_coordinator(
             server_key=Path(certs.server_key).resolve(),
         )
         certs.check_exist()
+        check_private_key_file(certs.server_key, what="coordinator TLS key")
     else:
         logger.warning(
             "Starting the coordinator WITHOUT TLS: model updates and node traffic are "
@@ -612,7 +659,9 @@ def start_coordinator(
     port = bind.port or _free_port(bind.host)
     work_path = _make_dir(work_dir)
     db_path = Path(database).resolve() if database is not None else None
-    command = build_superlink_command(host=bind.host, port=port, certs=certs, database=db_path)
+    command = build_superlink_command(
+        host=bind.host, port=port, certs=certs, database=db_path, node_auth=node_auth
+    )
     client_host = _client_host(bind.host)
     address = _format_address(client_host, port)
     popen, log_path, offset = _spawn(
@@ -629,6 +678,7 @@ def start_coordinator(
         addresses=CoordinatorAddresses(fleet=address, control=address, serverappio=address),
         ca_cert=certs.ca_cert if certs is not None else None,
         insecure=insecure,
+        node_auth=node_auth,
     )
 
 
@@ -643,6 +693,7 @@ def start_node(
     extra_node_config: Mapping[str, ConfigValue] | None = None,
     runtime_address: str = "127.0.0.1:0",
     log_file: str | Path | None = None,
+    auth_key: str | Path | None = None,
 ) -> NodeProcess:
     """Start a SuperNode for one institution.
 
@@ -667,6 +718,9 @@ def start_node(
         ``host:port`` of the node's local Runtime API; port ``0`` picks a free one.
     log_file : str or Path or None
         Where the node's output goes; default ``work_dir/supernode.log``.
+    auth_key : str or Path or None
+        The institution's enrolment private key (``consortium enroll``), for a
+        coordinator with node authentication. It must have mode 0600.
 
     Returns
     -------
@@ -686,6 +740,11 @@ def start_node(
         ca_path = Path(ca_cert).resolve()
         if not ca_path.is_file():
             raise ConfigError(f"CA certificate file not found: {ca_path} (ca_cert of {owner}).")
+    key_path = None
+    if auth_key is not None:
+        if insecure:
+            raise ConfigError(f"{owner} got auth_key with insecure=True; node authentication needs TLS.")
+        key_path = load_node_private_key(auth_key, institution=institution)
     data = Path(data_path).resolve()
     if not data.exists():
         raise DataError(f"Data path of institution '{institution}' does not exist: {data}")
@@ -710,6 +769,7 @@ def start_node(
         node_config_file=config_file,
         runtime_host=runtime.host,
         runtime_port=runtime.port or _free_port(runtime.host),
+        auth_key=key_path,
     )
     if not insecure and ca_path is None:
         logger.info("SuperNode '%s' verifies the coordinator with the system CA store", institution)
@@ -728,6 +788,7 @@ def start_node(
         work_dir=work_path,
         institution=institution,
         fleet_address=str(address),
+        auth_key=key_path,
     )
 
 

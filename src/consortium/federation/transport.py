@@ -22,6 +22,8 @@ from consortium.errors import FederationError
 from consortium.federation import messages as m
 from consortium.federation.aggregation import AggregateResult, weighted_sum
 from consortium.federation.config import FederationConfig
+from consortium.federation.robust import robust_aggregate
+from consortium.federation.validation import InvalidUpdateError, contribution_from_reply
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +71,32 @@ class PlainTransport(Transport):
         names: Mapping[int, str],
         reference: Sequence[np.ndarray] | None,
         timeout: float,
+        config: FederationConfig | None = None,
     ) -> AggregateResult:
+        """Collect replies, validate each, and combine them (weighted sum or a robust rule).
+
+        ``config`` (training rounds only) supplies the norm bound and the
+        aggregation rule; statistics rounds pass ``None``.
+        """
         asked = {msg.metadata.dst_node_id for msg in messages}
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        contributions = []
+        contributions: list[tuple[str, list[np.ndarray], float, dict[str, float]]] = []
         for r in replies:
             node = r.metadata.src_node_id
             name = names.get(node, str(node))
             if r.has_error():
                 logger.warning("Institution %s replied with an error: %s", name, r.error.reason)
                 continue
+            max_norm = config.max_update_norm if config is not None else None
             try:
-                arrays = r.content.array_records[m.UPDATE].to_numpy_ndarrays()
-                weight = float(r.content.metric_records[m.METRICS][m.WEIGHT])  # type: ignore[arg-type]
-                metrics = {
-                    k: float(v)  # type: ignore[arg-type]
-                    for k, v in r.content.metric_records[m.METRICS].items()
-                    if k != m.WEIGHT
-                }
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("Institution %s sent a malformed reply (%s); it is left out.", name, exc)
-                continue
-            ref = reference if reference is not None else arrays
-            if not _valid_update(arrays, ref, name):
+                # Statistics rounds have no reference: the first valid reply sets the shapes.
+                ref = reference if reference is not None else (contributions[0][1] if contributions else None)
+                arrays, weight, metrics = contribution_from_reply(
+                    r.content, institution=name, reference=ref, max_norm=max_norm,
+                    update_key=m.UPDATE, metrics_key=m.METRICS, weight_key=m.WEIGHT,
+                )
+            except InvalidUpdateError as exc:
+                logger.warning("%s; it is left out of this round.", exc)
                 continue
             contributions.append((name, arrays, weight, metrics))
         got = {names.get(r.metadata.src_node_id, str(r.metadata.src_node_id)) for r in replies}
@@ -102,11 +107,16 @@ class PlainTransport(Transport):
                 f"No institution returned a usable contribution (asked {len(asked)}, replies {len(got)})."
             )
         ref = reference if reference is not None else contributions[0][1]
-        return weighted_sum(contributions, reference=ref, dropped=dropped)
+        if config is None or reference is None:
+            return weighted_sum(contributions, reference=ref, dropped=dropped)
+        return robust_aggregate(
+            contributions, rule=config.aggregation, reference=ref, dropped=dropped,
+            trim_fraction=config.trim_fraction, byzantine_nodes=config.byzantine_nodes,
+        )
 
     def sum_updates(self, grid, *, node_ids, names, content, reference, config):  # type: ignore[no-untyped-def]
         messages = [Message(content, dst_node_id=n, message_type=m.TRAIN) for n in node_ids]
-        return self._collect(grid, messages, names, reference, config.round_timeout)
+        return self._collect(grid, messages, names, reference, config.round_timeout, config)
 
     def sum_statistics(self, grid, *, node_ids, names, config, n_features):  # type: ignore[no-untyped-def]
         messages = [
@@ -114,21 +124,6 @@ class PlainTransport(Transport):
             for n in node_ids
         ]
         return self._collect(grid, messages, names, None, config.round_timeout)
-
-
-def _valid_update(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray], name: str) -> bool:
-    """Shape, dtype and finiteness check of one clear-text contribution."""
-    if len(arrays) != len(reference):
-        logger.warning("Institution %s sent %d tensors, expected %d; left out.", name, len(arrays), len(reference))
-        return False
-    for i, (a, r) in enumerate(zip(arrays, reference, strict=True)):
-        if a.shape != r.shape:
-            logger.warning("Institution %s: tensor %d has shape %s, expected %s; left out.", name, i, a.shape, r.shape)
-            return False
-        if not np.all(np.isfinite(a)):
-            logger.warning("Institution %s: tensor %d has NaN/inf values; left out.", name, i)
-            return False
-    return True
 
 
 def create_transport(config: FederationConfig) -> Transport:
