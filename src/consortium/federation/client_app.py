@@ -133,9 +133,11 @@ def build_client_app(
 
     @app.query("gbdtlevel")
     def gbdt_level(msg: Message, context: Context) -> Message:
-        from consortium.federation.gbdt_client import level_reply  # noqa: PLC0415
+        from consortium.federation.gbdt_client import data_tag, level_reply  # noqa: PLC0415
 
-        return Message(level_reply(_load(context, data_dirs), msg.content, context), reply_to=msg)
+        tag = data_tag(resolve_data_path(context, data_dirs))
+        reply = level_reply(lambda: _load(context, data_dirs), msg.content, context, tag=tag)
+        return Message(reply, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

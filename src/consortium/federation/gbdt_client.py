@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
@@ -52,17 +54,30 @@ def add_histogram_noise(values: np.ndarray, *, std: float, rng: np.random.Genera
     return values + rng.normal(0.0, std, size=values.shape)
 
 
-def _load_cache(context: Context, msg: p.LevelMessage, split: InstitutionSplit) -> PartyData:
+def data_tag(directory: Path) -> str:
+    """Identity of an institution's data files (path, sizes, modification times)."""
+    parts = [str(directory.resolve())]
+    for f in sorted(directory.glob("*.npz")):
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _load_cache(
+    context: Context, msg: p.LevelMessage, load: Callable[[], InstitutionSplit], tag: str
+) -> PartyData:
     meta = context.state.get(p.CACHE_STATE)
     arrays = context.state.get(p.CACHE_ARRAYS)
     fresh = msg.edges is not None and (
         not isinstance(meta, ConfigRecord)
         or meta.get("run-tag") != msg.run_tag
         or meta.get("edges-digest") != msg.edges_digest
+        or meta.get("data-tag") != tag
         or msg.trees_from == 0
     )
     if fresh:
         assert msg.edges is not None
+        split = load()
         if msg.edges.digest() != msg.edges_digest:
             raise DataError("The bin edges do not match their digest; the message was altered.")
         if msg.edges.n_features != split.train.n_features:
@@ -71,41 +86,51 @@ def _load_cache(context: Context, msg: p.LevelMessage, split: InstitutionSplit) 
                 f"holds {split.train.n_features}; the feature schemas differ."
             )
         data = PartyData.create(msg.edges, split.train.X, split.train.y, split.val.X, split.val.y, base=msg.base)
-        _store(context, msg, data, digest=EMPTY_DIGEST, full=True)
+        _store(context, msg, data, digest=EMPTY_DIGEST, full=True, tag=tag)
         return data
     if not isinstance(meta, ConfigRecord) or not isinstance(arrays, ArrayRecord):
         raise StaleCacheError("This institution holds no boosting state (it restarted); the coordinator resends it.")
     if meta.get("run-tag") != msg.run_tag or meta.get("edges-digest") != msg.edges_digest:
         raise StaleCacheError("This institution's boosting state belongs to another run or other bin edges.")
-    data = PartyData(
-        binned=arrays["binned"].numpy(), y=split.train.y.astype(np.float64),
-        binned_val=arrays["binned-val"].numpy(), y_val=split.val.y.astype(np.float64),
+    if meta.get("data-tag") != tag:
+        raise StaleCacheError("This institution's data files changed since its boosting state was cached.")
+    return PartyData(
+        binned=arrays["binned"].numpy(), y=arrays["y"].numpy(),
+        binned_val=arrays["binned-val"].numpy(), y_val=arrays["y-val"].numpy(),
         margin=arrays["margin"].numpy().copy(), margin_val=arrays["margin-val"].numpy().copy(),
         n_applied=int(meta["n-trees"]),  # type: ignore[arg-type]
     )
-    if data.binned.shape[0] != split.train.n_rows or data.binned_val.shape[0] != split.val.n_rows:
-        raise StaleCacheError("This institution's data changed since its boosting state was cached.")
-    return data
 
 
-def _store(context: Context, msg: p.LevelMessage, data: PartyData, *, digest: str, full: bool) -> None:
+def _store(context: Context, msg: p.LevelMessage, data: PartyData, *, digest: str, full: bool, tag: str) -> None:
     context.state[p.CACHE_STATE] = ConfigRecord(
-        {"run-tag": msg.run_tag, "edges-digest": msg.edges_digest, "n-trees": data.n_applied, "digest": digest}
+        {"run-tag": msg.run_tag, "edges-digest": msg.edges_digest, "n-trees": data.n_applied, "digest": digest,
+         "data-tag": tag}
     )
     record = context.state.get(p.CACHE_ARRAYS)
     if full or not isinstance(record, ArrayRecord):
-        record = ArrayRecord({"binned": Array(data.binned), "binned-val": Array(data.binned_val)})
+        record = ArrayRecord({"binned": Array(data.binned), "binned-val": Array(data.binned_val),
+                              "y": Array(data.y), "y-val": Array(data.y_val)})
     record["margin"] = Array(data.margin)
     record["margin-val"] = Array(data.margin_val)
     context.state[p.CACHE_ARRAYS] = record
 
 
 def level_reply(
-    split: InstitutionSplit, content: RecordDict, context: Context, *, rng: np.random.Generator | None = None
+    load: Callable[[], InstitutionSplit],
+    content: RecordDict,
+    context: Context,
+    *,
+    tag: str,
+    rng: np.random.Generator | None = None,
 ) -> RecordDict:
-    """Histograms of the requested nodes (and validation statistics) on this institution's rows."""
+    """Histograms of the requested nodes (and validation statistics) on this institution's rows.
+
+    ``load`` reads the institution's data; it is called only when the node's
+    cached binned rows are missing or stale (``tag`` identifies the data files).
+    """
     msg = p.LevelMessage.from_content(content)
-    data = _load_cache(context, msg, split)
+    data = _load_cache(context, msg, load, tag)
     meta = context.state[p.CACHE_STATE]
     digest = str(meta["digest"]) if isinstance(meta, ConfigRecord) else EMPTY_DIGEST
     if data.n_applied == msg.trees_from and digest == msg.prefix_digest:
@@ -115,7 +140,7 @@ def level_reply(
         digest = ensemble_digest(msg.new_trees, start=digest)
         if digest != msg.ensemble_digest:
             raise StaleCacheError("The trees received do not hash to the coordinator's ensemble digest.")
-        _store(context, msg, data, digest=digest, full=False)
+        _store(context, msg, data, digest=digest, full=False, tag=tag)
     elif not (data.n_applied == msg.n_trees and digest == msg.ensemble_digest):
         raise StaleCacheError(
             f"This institution's scores cover {data.n_applied} trees (digest {digest[:8]}), the coordinator "
