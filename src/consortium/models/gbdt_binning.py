@@ -5,9 +5,11 @@ Federated quantile binning in two sums, both secure-aggregated:
 1. the federated standardisation statistics (count, sums, sums of squares) give
    each feature's pooled mean and standard deviation;
 2. every institution counts its training rows in ``cells`` fine cells per feature
-   on the grid ``asinh((x - mean) / std)`` over ``[-GRID_HALF_WIDTH, GRID_HALF_WIDTH]``
-   (about 0.01 standard deviations wide near the mean, wider in the tails, so that
-   heavy-tailed amounts keep resolution where the rows are).
+   on the grid ``asinh((x - mean) / (GRID_SCALE * std))`` over
+   ``[-GRID_HALF_WIDTH, GRID_HALF_WIDTH]``: linear within a hundredth of a standard
+   deviation of the mean and logarithmic beyond (each cell about 1 % of the
+   distance to the mean with the default 4096 cells), so that heavy-tailed
+   amounts keep resolution where their rows are.
 
 The coordinator adds the cell counts and places up to ``max_bins - 1`` edges at
 cell boundaries where the pooled cumulative count crosses ``k / max_bins``. It
@@ -31,16 +33,18 @@ import numpy as np
 
 from consortium.errors import DataError, param_error
 
-GRID_HALF_WIDTH = float(np.arcsinh(1e6))
+GRID_SCALE = 0.01
+"""Width (in standard deviations) of the linear core of the fine grid."""
+GRID_HALF_WIDTH = float(np.arcsinh(1e6 / GRID_SCALE))
 """The fine grid covers standardised values up to a million standard deviations."""
-DEFAULT_CELLS = 2048
+DEFAULT_CELLS = 4096
 MIN_STD = 1e-12
 
 
 def fine_cells(X: np.ndarray, mean: np.ndarray, std: np.ndarray, *, cells: int) -> np.ndarray:
     """Cell index of every value, shape ``(n, d)`` (int64 in ``[0, cells)``)."""
     s = np.where(np.asarray(std) > MIN_STD, std, 1.0)
-    z = np.arcsinh((np.asarray(X, dtype=np.float64) - mean) / s)
+    z = np.arcsinh((np.asarray(X, dtype=np.float64) - mean) / (GRID_SCALE * s))
     idx = np.floor((z + GRID_HALF_WIDTH) / (2 * GRID_HALF_WIDTH) * cells)
     return np.clip(idx, 0, cells - 1).astype(np.int64)
 
@@ -57,7 +61,7 @@ def cell_boundary(j: np.ndarray | int, mean: float, std: float, *, cells: int) -
     """Raw value of the lower boundary of cell ``j``."""
     s = std if std > MIN_STD else 1.0
     z = np.sinh(-GRID_HALF_WIDTH + 2 * GRID_HALF_WIDTH * np.asarray(j, dtype=np.float64) / cells)
-    return np.asarray(mean + s * z, dtype=np.float64)
+    return np.asarray(mean + GRID_SCALE * s * z, dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)

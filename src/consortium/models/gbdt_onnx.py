@@ -12,6 +12,7 @@ edge agent scores it with onnxruntime like any other bundle model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,7 +36,7 @@ def ensemble_to_onnx(
     d = edges.n_features
     if feature_names is not None and len(feature_names) != d:
         raise param_error("feature_names", "ensemble_to_onnx", f"{d} names", len(feature_names))
-    attrs: dict[str, list[int] | list[float] | list[str]] = {
+    attrs: dict[str, list[Any]] = {
         k: [] for k in ("nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_values", "nodes_modes",
                         "nodes_truenodeids", "nodes_falsenodeids", "target_treeids", "target_nodeids",
                         "target_ids", "target_weights")
@@ -44,28 +45,29 @@ def ensemble_to_onnx(
     for t, tree in enumerate(trees):
         for node in range(tree.n_nodes):
             leaf = tree.left[node] < 0
-            attrs["nodes_treeids"].append(t)  # type: ignore[arg-type]
-            attrs["nodes_nodeids"].append(node)  # type: ignore[arg-type]
-            attrs["nodes_featureids"].append(0 if leaf else tree.feature[node])  # type: ignore[arg-type]
-            attrs["nodes_values"].append(  # type: ignore[arg-type]
+            attrs["nodes_treeids"].append(t)
+            attrs["nodes_nodeids"].append(node)
+            attrs["nodes_featureids"].append(0 if leaf else tree.feature[node])
+            attrs["nodes_values"].append(
                 0.0 if leaf else edges.threshold_value(tree.feature[node], tree.threshold[node])
             )
-            attrs["nodes_modes"].append("LEAF" if leaf else "BRANCH_LEQ")  # type: ignore[arg-type]
-            attrs["nodes_truenodeids"].append(0 if leaf else tree.left[node])  # type: ignore[arg-type]
-            attrs["nodes_falsenodeids"].append(0 if leaf else tree.right[node])  # type: ignore[arg-type]
+            attrs["nodes_modes"].append("LEAF" if leaf else "BRANCH_LEQ")
+            attrs["nodes_truenodeids"].append(0 if leaf else tree.left[node])
+            attrs["nodes_falsenodeids"].append(0 if leaf else tree.right[node])
             if leaf:
-                attrs["target_treeids"].append(t)  # type: ignore[arg-type]
-                attrs["target_nodeids"].append(node)  # type: ignore[arg-type]
-                attrs["target_ids"].append(0)  # type: ignore[arg-type]
-                attrs["target_weights"].append(float(tree.value[node]))  # type: ignore[arg-type]
+                attrs["target_treeids"].append(t)
+                attrs["target_nodeids"].append(node)
+                attrs["target_ids"].append(0)
+                attrs["target_weights"].append(float(tree.value[node]))
     if not trees:  # an ensemble without trees still scores its base rate: one leaf of value 0
         for k, v in (("nodes_treeids", 0), ("nodes_nodeids", 0), ("nodes_featureids", 0), ("nodes_values", 0.0),
                      ("nodes_modes", "LEAF"), ("nodes_truenodeids", 0), ("nodes_falsenodeids", 0),
                      ("target_treeids", 0), ("target_nodeids", 0), ("target_ids", 0), ("target_weights", 0.0)):
-            attrs[k].append(v)  # type: ignore[arg-type]
+            attrs[k].append(v)
     regressor = helper.make_node(
         "TreeEnsembleRegressor", [INPUT_NAME], ["margin"], domain="ai.onnx.ml", n_targets=1,
-        aggregate_function="SUM", post_transform="NONE", base_values=[float(ensemble.base_score)], **attrs,
+        aggregate_function="SUM", post_transform="NONE", base_values=[float(ensemble.base_score)],
+        **attrs,  # type: ignore[arg-type]
     )
     sigmoid = helper.make_node("Sigmoid", ["margin"], ["probability"])
     shape = helper.make_tensor("flat", TensorProto.INT64, [1], [-1])
