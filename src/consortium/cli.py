@@ -9,6 +9,7 @@ Subcommands::
     consortium coordinator              the coordinator (Flower SuperLink + ServerApp)
     consortium node                     one institution (Flower SuperNode + ClientApp)
     consortium runs list | show         what the run store holds
+    consortium registry ...             signed model bundles and the model registry
 
 Every error that bad input can cause is printed as one line naming the problem
 (no traceback) and the command exits with status 2.
@@ -33,6 +34,8 @@ import click
 from consortium import __version__
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
+from consortium.registry.commands import publish_after_run, publish_options
+from consortium.registry.commands import registry as registry_group
 
 DEFAULTS = FederationConfig()
 """Command-line defaults are the library's defaults."""
@@ -122,6 +125,7 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     click.echo(f"AUPRC per round: {out.plot}")
     click.echo(f"Full results:    {out.json_path}")
     click.echo(f"Run store:       {out.store_url}  (run {out.result.run.run_id})")
+    click.echo(f"Model bundle:    {out.bundle}")
     click.echo(f"Finished in {out.seconds:.0f} s")
 
 
@@ -155,11 +159,12 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Keep institution data and results here (default: a temporary directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@publish_options
 @_friendly_errors
 def simulate(data_path: str, label_column: str, institutions: int, partition: str, alpha: float,
              transactions: int, rounds: int, local_epochs: int, lr: float, batch_size: int, model: str,
              strategy: str, loss: str, secure_aggregation: bool, baselines: bool, seed: int,
-             store_url: str, out_dir: str | None, as_json: bool) -> None:
+             store_url: str, out_dir: str | None, as_json: bool, **publish: Any) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.experiment import dump_json, run_experiment  # noqa: PLC0415
@@ -178,6 +183,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
         with RoundProgress(total=rounds, enabled=not as_json) as progress, RunStore(store_url) as store:
             result = run_experiment(split, config, work_dir=work, dataset_name=name, store=store,
                                     on_round=progress.update, baselines=baselines)
+            publish_after_run(store, run_id=result.run.run_id, **publish)
         if out_dir:
             dump_json(result.to_json(), work / "results.json")
     if as_json:
@@ -292,11 +298,12 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--store", "store_url", default="sqlite:///consortium.db", show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
+@publish_options
 @_friendly_errors
 def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
-                timeout: float) -> None:
+                timeout: float, **publish: Any) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
 
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
@@ -322,6 +329,11 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
     click.echo(f"Flower run {outcome.run_id}: {outcome.status}")
     if not outcome.succeeded:
         raise click.ClickException(f"The federated run did not complete: {outcome.status} {outcome.details}")
+    if publish["bundle_key"] is not None:
+        from consortium.registry import RunStore  # noqa: PLC0415
+
+        with RunStore(store_abs) as store:  # the ServerApp recorded the run here: publish its newest completed run
+            publish_after_run(store, run_id=None, **publish)
 
 
 @main.command()
@@ -419,6 +431,9 @@ def runs_show(run_id: str, store_url: str) -> None:
                        f"AUPRC {g.get('auprc', float('nan')):.4f}, ROC-AUC {g.get('roc-auc', float('nan')):.4f}")
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
+
+
+main.add_command(registry_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

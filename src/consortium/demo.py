@@ -4,7 +4,8 @@
 volumes, fraud rates and fraud scenarios, trains federated for ten rounds in
 Flower's simulation engine (secure aggregation on), trains the local-only and
 centralized baselines on the same split, prints the comparison table and writes
-a PNG of AUPRC per round plus a JSON result.
+a PNG of AUPRC per round plus a JSON result, and exports the global model as a
+signed ONNX bundle in a model registry (``out/registry``, key in ``out/keys``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from consortium.federation.coordinator import RoundCallback
 from consortium.federation.experiment import ExperimentResult, dump_json, run_experiment
 from consortium.federation.plots import plot_auprc_per_round
 from consortium.registry import RunStore
+from consortium.registry.publish import publish_demo_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class DemoOutput:
     json_path: Path
     store_url: str
     seconds: float
+    bundle: Path | None = None
+    """The run's model as a signed bundle (registered in ``out_dir/registry``, key in ``out_dir/keys``)."""
 
 
 def run_demo(
@@ -74,6 +78,8 @@ def run_demo(
         result = run_experiment(
             split, config, work_dir=out / "work", dataset_name="synthetic", store=store, on_round=on_round
         )
+        stage("Exporting the global model as a signed ONNX bundle")
+        bundle = publish_demo_model(store, out_dir=out, run_id=result.run.run_id).entry.path
     s = result.summary()
     plot = plot_auprc_per_round(
         [int(c["round"]) for c in result.curve()],
@@ -84,5 +90,7 @@ def run_demo(
         title=f"Federated fraud model, {institutions} institutions (synthetic)",
     )
     seconds = time.perf_counter() - t0
-    json_path = dump_json({**result.to_json(), "plot": str(plot), "seconds": seconds}, out / "demo.json")
-    return DemoOutput(result=result, plot=plot, json_path=json_path, store_url=url, seconds=seconds)
+    json_path = dump_json(
+        {**result.to_json(), "plot": str(plot), "bundle": str(bundle), "seconds": seconds}, out / "demo.json"
+    )
+    return DemoOutput(result=result, plot=plot, json_path=json_path, store_url=url, seconds=seconds, bundle=bundle)
