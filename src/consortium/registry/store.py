@@ -663,6 +663,7 @@ class RunStore:
         *,
         checkpoint: Sequence[np.ndarray] | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
+        also: Callable[[Session], object] | None = None,
     ) -> None:
         """Record a completed round and, optionally, the global model after it.
 
@@ -680,6 +681,9 @@ class RunStore:
             The global model's arrays after the round (exact dtype and shape kept).
         checkpoint_extra : mapping, optional
             JSON data stored with the checkpoint (needs ``checkpoint``).
+        also : callable, optional
+            More work in the same transaction (e.g. the round's privacy-ledger
+            charges), so that the round and what belongs to it commit together.
 
         Raises
         ------
@@ -729,6 +733,8 @@ class RunStore:
                 )
             )
             _flush_or_raise(session, duplicate)
+            if also is not None:
+                also(session)
             if checkpoint is None:
                 return
             # Serialised inside the transaction on purpose: a failure here rolls the
