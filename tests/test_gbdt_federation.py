@@ -22,6 +22,7 @@ from consortium.federation.client_app import build_client_app
 from consortium.federation.config import FederationConfig
 from consortium.federation.gbdt_coordinator import GBDTCoordinator, GBDTRunResult
 from consortium.models.gbdt import GBDTParams, fit_local, predict_proba
+from consortium.privacy.ledger import PrivacyLedger
 from consortium.registry import RunStore
 from consortium.secagg.inprocess import InProcessGrid
 
@@ -50,7 +51,7 @@ def _split(*, no_positives_at: int | None = None) -> FederatedSplit:
 
 def _run(tmp: Path, split: FederatedSplit, *, secure: bool, params: GBDTParams = PARAMS, policy=None,  # type: ignore[no-untyped-def]
          capture: bool = False, dirs: dict[int, dict[str, object]] | None = None, noise_std: float = 0.0,
-         on_grid=None) -> tuple[GBDTRunResult, InProcessGrid]:
+         on_grid=None, dp_epsilon: float | None = None) -> tuple[GBDTRunResult, InProcessGrid]:
     root = Path(save_split(split, tmp / "data"))
     if dirs is None:
         dirs = {n: {"data-path": str(root / name), "institution": name} for n, name in
@@ -62,8 +63,12 @@ def _run(tmp: Path, split: FederatedSplit, *, secure: bool, params: GBDTParams =
         on_grid(grid)
     with RunStore(cfg.store_url) as store:
         result = GBDTCoordinator(cfg, params=params, store=store, holdout=split.holdout,
-                                 noise_std=noise_std).run(grid)
+                                 noise_std=noise_std, dp_epsilon=dp_epsilon).run(grid)
         assert store.get_run(result.run_id).status == "completed"
+        if dp_epsilon is not None:
+            charges = PrivacyLedger(store).charges(run_id=result.run_id)
+            assert sorted(c.institution for c in charges) == sorted(split.names())
+            assert all(0 < c.epsilon <= dp_epsilon for c in charges), [(c.epsilon, c.epsilon_rdp) for c in charges]
     return result, grid
 
 
@@ -141,3 +146,10 @@ def test_histogram_noise_changes_the_sums_but_training_completes(tmp_path: Path)
     noisy, _ = _run(tmp_path / "b", split, secure=True, noise_std=2.0)
     assert not np.allclose(noisy.predict_proba(split.holdout.X), plain.predict_proba(split.holdout.X), atol=1e-3)
     assert noisy.holdout_metrics["roc-auc"] > 0.6
+
+
+def test_dp_run_is_calibrated_and_charged_to_every_institutions_ledger(tmp_path: Path) -> None:
+    result, _ = _run(tmp_path, _split(), secure=True, dp_epsilon=8.0)
+    privacy = result.extra["privacy"]
+    assert privacy["noise_multiplier"] > 0 and privacy["releases"] <= privacy["n_releases"] + 2
+    assert 0 < privacy["epsilon_spent"] <= 8.0

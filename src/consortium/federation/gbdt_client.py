@@ -44,7 +44,11 @@ def bins_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
             f"{split.train.n_features}; the feature schemas differ."
         )
     counts = cell_counts(split.train.X, mean, std, cells=cells)
-    return p.sums_reply(np.concatenate([counts.ravel(), [float(split.val.n_rows)]]))
+    values = np.concatenate([counts.ravel(), [float(split.val.n_rows)]])
+    noise = float(content.config_records["config"].get("noise-std", 0.0))  # type: ignore[arg-type]
+    if noise > 0:
+        values = add_histogram_noise(values, std=noise, rng=np.random.default_rng(secrets.randbits(128)))
+    return p.sums_reply(values)
 
 
 def add_histogram_noise(values: np.ndarray, *, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -154,13 +158,13 @@ def level_reply(
                                 n_bins=msg.n_bins)
     else:
         hist = np.zeros((len(msg.nodes), d, msg.n_bins, 3))
-    values = hist.ravel()
-    if msg.noise_std > 0:
-        values = add_histogram_noise(values, std=msg.noise_std, rng=rng or np.random.default_rng(secrets.randbits(128)))
-    parts = [values]
+    parts = [hist.ravel()]
     if msg.with_validation:
         parts.append(validation_stats(data.margin_val, data.y_val, msg.w_neg, msg.w_pos))
-    return p.sums_reply(np.concatenate(parts))
+    values = np.concatenate(parts)
+    if msg.noise_std > 0:
+        values = add_histogram_noise(values, std=msg.noise_std, rng=rng or np.random.default_rng(secrets.randbits(128)))
+    return p.sums_reply(values)
 
 
 def expected_edges(content: RecordDict) -> BinEdges | None:

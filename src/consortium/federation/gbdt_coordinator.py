@@ -221,19 +221,26 @@ class GBDTCoordinator:
         Global held-out split scored at the end (benchmarks and simulations only).
     noise_std : float
         Standard deviation of the Gaussian noise each institution adds to every
-        histogram entry before masking (0: no DP noise); see :mod:`consortium.federation.gbdt_privacy`.
+        level histogram entry before masking, without accounting (tests; prefer ``dp_epsilon``).
+    dp_epsilon : float, optional
+        Differential privacy: noise calibrated so that the run's histogram releases
+        are ``(dp_epsilon, dp_delta)``-DP per training row, charged to the privacy
+        ledger (:mod:`consortium.federation.gbdt_privacy`).
+    dp_delta : float
+        δ of the DP guarantee.
     cells : int
         Fine-grid cells per feature for federated binning.
     """
 
     def __init__(self, config: FederationConfig, *, params: GBDTParams, store: RunStore,
                  on_tree: TreeCallback | None = None, holdout: Dataset | None = None, noise_std: float = 0.0,
-                 cells: int = DEFAULT_CELLS) -> None:
+                 dp_epsilon: float | None = None, dp_delta: float = 1e-5, cells: int = DEFAULT_CELLS) -> None:
         self.config, self.params, self.store, self.on_tree = config, params, store, on_tree
         if holdout is None and config.holdout_path:
             holdout = load_npz(config.holdout_path, name="holdout")
         self.holdout = holdout
         self.noise_std = float(noise_std)
+        self.dp_epsilon, self.dp_delta = dp_epsilon, float(dp_delta)
         self.cells = int(cells)
         self._base = Coordinator(config, store=store, holdout=holdout)
 
@@ -244,14 +251,21 @@ class GBDTCoordinator:
                            timeout=self.config.round_timeout)
 
     def bin_edges(self, grid: Grid, node_ids: Sequence[int], names: Mapping[int, str], *, mean: np.ndarray,
-                  std: np.ndarray, n_train: float) -> tuple[BinEdges, float]:
-        """Federated quantile binning; returns the edges and the pooled validation row count."""
+                  std: np.ndarray, n_train: float, noise_std: float = 0.0) -> tuple[BinEdges, float]:
+        """Federated quantile binning; returns the edges and the pooled validation row count.
+
+        ``noise_std`` is the standard deviation of the noise in each summed count
+        (DP); counts below three of it are treated as empty cells.
+        """
         d = len(mean)
-        out = self.sum(grid, node_ids, names, p.bins_content(mean, std, cells=self.cells), p.BINS,
-                       d * self.cells + 1, 10.0 * max(n_train, 1.0))
+        share = noise_std / math.sqrt(len(node_ids))
+        out = self.sum(grid, node_ids, names, p.bins_content(mean, std, cells=self.cells, noise_std=share), p.BINS,
+                       d * self.cells + 1, 10.0 * max(n_train, 1.0) + 100.0 * noise_std)
         if out.dropped:
             raise FederationError(f"Institutions {list(out.dropped)} did not contribute to federated binning.")
         counts = out.values[:-1].reshape(d, self.cells)
+        if noise_std > 0:
+            counts = np.where(counts > 3.0 * noise_std, counts, 0.0)
         edges = edges_from_cell_counts(counts, mean, std, max_bins=self.params.max_bins)
         constant = [i for i, e in enumerate(edges.edges) if len(e) == 0]
         if constant:
@@ -273,14 +287,26 @@ class GBDTCoordinator:
         run_config.pop("store-url", None)
         run_id = self.store.create_run(name=cfg.run_name, config=run_config, institutions=institutions)
         try:
-            edges, n_val = self.bin_edges(grid, node_ids, names, mean=std.mean, std=std.std, n_train=stats.count)
+            dp = None
+            if self.dp_epsilon is not None:
+                from consortium.federation.gbdt_privacy import calibrate  # noqa: PLC0415
+
+                dp = calibrate(self.params, n_features=len(feature_names), epsilon=self.dp_epsilon,
+                               delta=self.dp_delta)
+                logger.info("DP: noise multiplier %.3g over %d releases for (%.3g, %.3g)-DP",
+                            dp.noise_multiplier, dp.n_releases, dp.target_epsilon, dp.delta)
+            edges, n_val = self.bin_edges(grid, node_ids, names, mean=std.mean, std=std.std, n_train=stats.count,
+                                          noise_std=dp.binning_std if dp else 0.0)
+            n_val = max(n_val, 0.0)
             w_neg, w_pos = self.params.class_weights(stats.count, stats.positives)
             base = base_score(stats.count, stats.positives, w_neg, w_pos)
             logger.info("Run %s: %d institutions, %d rows, %d features, %d bins, class weights (%.3g, %.3g)",
                         run_id, len(institutions), int(stats.count), len(feature_names), edges.max_bins, w_neg, w_pos)
             source = _FederatedSource(self, grid, node_ids, names, edges=edges, base=base, weights=(w_neg, w_pos),
-                                      bound=max(stats.count, n_val) + 1.0, run_tag=secrets.token_hex(8),
-                                      noise_std=self.noise_std)
+                                      bound=max(stats.count, n_val) + 1.0 + (100.0 * dp.level_std if dp else 0.0),
+                                      run_tag=secrets.token_hex(8),
+                                      noise_std=dp.per_institution(dp.level_std, len(node_ids)) if dp
+                                      else self.noise_std)
 
             def record(n_trees: int, point: ValidationPoint | None) -> None:
                 now = datetime.now(UTC)
@@ -303,6 +329,13 @@ class GBDTCoordinator:
             if self.holdout is not None:
                 fm = evaluate_scores(self.holdout.y, predict_proba(result, self.holdout.X), threshold=threshold)
                 holdout = {"auprc": fm.auprc, "roc-auc": fm.roc_auc, "recall-at-1pct-fpr": fm.recall_at_1pct_fpr}
+            privacy: dict[str, Any] = {}
+            if dp is not None:
+                from consortium.federation.gbdt_privacy import charge_run  # noqa: PLC0415
+
+                spent = charge_run(self.store, run_id=run_id, institutions=institutions, dp=dp,
+                                   n_releases=source.requests + 1)
+                privacy = {**dp.to_dict(), "epsilon_spent": spent, "releases": source.requests + 1}
         except Exception as exc:
             self.store.finish_run(run_id, status="failed", message=f"{type(exc).__name__}: {exc}")
             raise
@@ -310,7 +343,8 @@ class GBDTCoordinator:
         self.store.finish_run(run_id, status="completed", message=kept)
         return GBDTRunResult(run_id=run_id, boost=result, threshold=threshold, feature_names=feature_names,
                              institutions=institutions, holdout_metrics=holdout, seconds=time.perf_counter() - t0,
-                             requests=source.requests, extra={"n_val": n_val, "pooled_rows": stats.count})
+                             requests=source.requests,
+                             extra={"n_val": n_val, "pooled_rows": stats.count, "privacy": privacy})
 
 
 def tree_summary(trees: Sequence[Tree]) -> dict[str, float]:

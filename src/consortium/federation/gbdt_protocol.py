@@ -132,10 +132,10 @@ class LevelMessage:
             raise DataError(f"Malformed {LEVEL} message: {type(exc).__name__}: {exc}.") from exc
 
 
-def bins_content(mean: np.ndarray, std: np.ndarray, *, cells: int) -> RecordDict:
-    """Content of a ``query.gbdtbins`` message."""
+def bins_content(mean: np.ndarray, std: np.ndarray, *, cells: int, noise_std: float = 0.0) -> RecordDict:
+    """Content of a ``query.gbdtbins`` message (``noise_std``: each institution's DP noise per count)."""
     grid = ArrayRecord({"mean": Array(np.asarray(mean, np.float64)), "std": Array(np.asarray(std, np.float64))})
-    return RecordDict({GRID: grid, m.CONFIG: ConfigRecord({"cells": int(cells)})})
+    return RecordDict({GRID: grid, m.CONFIG: ConfigRecord({"cells": int(cells), "noise-std": float(noise_std)})})
 
 
 def sums_reply(values: np.ndarray) -> RecordDict:
