@@ -37,8 +37,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, SHARED_DATA, environment, parser, write_results  # noqa: E402
 
-from consortium.data import FederatedSplit, federate, federate_institutions, generate_federation, load_npz  # noqa: E402
-from consortium.data import save_split  # noqa: E402
+from consortium.data import (  # noqa: E402
+    FederatedSplit,
+    federate,
+    federate_institutions,
+    generate_federation,
+    load_npz,
+    save_split,  # noqa: E402
+)
 from consortium.federation.client_app import build_client_app  # noqa: E402
 from consortium.federation.config import FederationConfig  # noqa: E402
 from consortium.federation.gbdt_coordinator import GBDTCoordinator  # noqa: E402
@@ -54,6 +60,8 @@ PARAMS = GBDTParams()
 DP_PARAMS = GBDTParams(n_trees=20, learning_rate=0.3, max_depth=3, max_leaves=8, max_bins=32)
 """Fewer releases for DP: 20 trees x 3 levels + 2 = 62 Gaussian releases."""
 EPSILONS = (1.0, 4.0)
+SUMMARY_KEYS = ("fed_gbdt_auprc", "central_hgb_auprc", "fed_gbdt_over_central", "fed_mlp_auprc",
+                "secagg_time_over_plain")
 DP_DELTA = 1e-5
 
 
@@ -69,7 +77,8 @@ def federated(split: FederatedSplit, tmp: Path, *, secure: bool, params: GBDTPar
               dp_epsilon: float | None = None) -> dict[str, Any]:
     root = Path(save_split(split, tmp / "data"))
     nodes = [1000 + i for i in range(len(split.institutions))]
-    dirs = {n: {"data-path": str(root / name), "institution": name} for n, name in zip(nodes, split.names(), strict=True)}
+    dirs = {n: {"data-path": str(root / name), "institution": name}
+            for n, name in zip(nodes, split.names(), strict=True)}
     cfg = FederationConfig(min_nodes=len(nodes), secure_aggregation=secure, store_url=f"sqlite:///{tmp}/runs.db",
                            round_timeout=300)
     grid = InProcessGrid(build_client_app(), node_ids=nodes, node_configs=dirs)
@@ -148,7 +157,21 @@ def main() -> None:
     p.add_argument("--datasets", nargs="*", default=None)
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--no-dp", action="store_true", help="Skip the DP runs.")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="Merge results of runs over different --datasets (each written with --json) into one.")
     args = p.parse_args()
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        result = parts[0]
+        for other in parts[1:]:
+            result["datasets"].update(other["datasets"])
+            result["summary"]["datasets"].update(other["summary"]["datasets"])
+            result["seconds"] += other["seconds"]
+        headline = result["summary"]["datasets"].get("5_campaign") or next(iter(result["summary"]["datasets"].values()))
+        result["summary"].update({k: headline[k] for k in SUMMARY_KEYS})
+        write_results("gbdt", result, markdown(result), json_path=args.json_path)
+        print(markdown(result))
+        return
     logging.basicConfig(level=logging.WARNING)
     datasets = args.datasets or (["synthetic"] if args.quick else ["5_campaign", "23_mammography", "synthetic"])
     n_seeds = args.seeds or (1 if args.quick else 3)
@@ -199,19 +222,20 @@ def main() -> None:
                 "target_met": bool(fed >= 0.97 * cen and fed > mlp.get(name, float("nan"))),
             }
             if not args.quick:  # keep finished datasets if a later one fails
-                partial = RESULTS_DIR / "gbdt_partial.json"
+                partial = RESULTS_DIR / f"gbdt_partial_{'_'.join(datasets)}.json"
                 partial.write_text(json.dumps({"summary": summary, "datasets": per_dataset}, default=float))
     headline = summary.get("5_campaign") or summary[datasets[0]]
     result = {
         "benchmark": "gbdt", "quick": args.quick, "seeds": n_seeds, "params": params.__dict__,
         "dp_params": dp_params.__dict__, "dp_delta": DP_DELTA, "environment": environment(),
         "seconds": time.perf_counter() - t_start,
-        "summary": {k: headline[k] for k in ("fed_gbdt_auprc", "central_hgb_auprc", "fed_gbdt_over_central",
-                                              "fed_mlp_auprc", "secagg_time_over_plain")} | {"datasets": summary},
+        "summary": {k: headline[k] for k in SUMMARY_KEYS} | {"datasets": summary},
         "datasets": per_dataset,
     }
-    write_results("gbdt" if not args.quick else "gbdt_quick", result, markdown(result), json_path=args.json_path)
-    (RESULTS_DIR / "gbdt_partial.json").unlink(missing_ok=True)
+    name = "gbdt" if not args.quick and args.datasets is None else "gbdt_quick" if args.quick else \
+        "gbdt_" + "_".join(datasets)
+    write_results(name, result, markdown(result), json_path=args.json_path)
+    (RESULTS_DIR / f"gbdt_partial_{'_'.join(datasets)}.json").unlink(missing_ok=True)
     print(markdown(result))
 
 

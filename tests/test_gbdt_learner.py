@@ -113,3 +113,20 @@ def test_params_roundtrip_through_run_config() -> None:
     assert GBDTParams.from_config(dict(p.to_config())) == p
     assert p.class_weights(100, 0) == (1.0, 1.0)
     assert GBDTParams(class_weight="balanced").class_weights(100, 10) == pytest.approx((100 / 180, 5.0))
+
+
+def test_signed_bundle_round_trips_and_scores_like_the_native_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from consortium.models.gbdt_onnx import export_bundle
+    from consortium.registry.bundle import read_bundle
+    from consortium.registry.signing import generate_signing_key, load_private_key, load_public_key
+
+    X, y = _data(2000, 5)
+    Xv, yv = _data(800, 6)  # noqa: N806
+    res = fit_local(X, y, Xv, yv, params=GBDTParams(n_trees=10, max_depth=3, max_bins=16))
+    key = generate_signing_key(tmp_path / "k.pem")
+    path = export_bundle(tmp_path / "m.bundle", result=res, feature_names=["a", "b", "c", "d"], threshold=0.3,
+                         model_version="gbdt-1", private_key=load_private_key(key), metrics={"auprc": 0.5})
+    bundle = read_bundle(path, public_key=load_public_key(key.with_suffix(".pem.pub")))
+    assert bundle.manifest.kind == "gbdt" and bundle.manifest.thresholds["default"] == 0.3
+    assert bundle.manifest.features[3].min is None  # constant feature: no range
+    assert np.max(np.abs(onnx_scores(bundle.onnx_bytes, Xv) - predict_proba(res, Xv))) < 1e-5

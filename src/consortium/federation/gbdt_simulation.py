@@ -35,6 +35,7 @@ def simulate_gbdt(
     store: RunStore | None = None,
     on_tree: TreeCallback | None = None,
     noise_std: float = 0.0,
+    dp_epsilon: float | None = None,
     num_cpus: int | None = None,
 ) -> GBDTRunResult:
     """Train federated boosting over ``split`` in Flower's simulation engine.
@@ -54,7 +55,9 @@ def simulate_gbdt(
     on_tree : callable, optional
         Progress callback per finished tree.
     noise_std : float
-        Per-institution Gaussian noise on histogram entries (DP; 0 for none).
+        Per-institution Gaussian noise on histogram entries without accounting (tests).
+    dp_epsilon : float, optional
+        Calibrated, ledger-charged DP on the histograms (see :mod:`consortium.federation.gbdt_privacy`).
     num_cpus : int, optional
         CPUs for the simulation backend.
     """
@@ -74,7 +77,7 @@ def simulate_gbdt(
     def main(grid: Grid, context: Context) -> None:
         try:
             coordinator = GBDTCoordinator(cfg, params=params, store=run_store, on_tree=on_tree,
-                                          holdout=split.holdout, noise_std=noise_std)
+                                          holdout=split.holdout, noise_std=noise_std, dp_epsilon=dp_epsilon)
             results.append(coordinator.run(grid))
         except BaseException as exc:  # handed back to the caller below
             logger.error("Federated boosting failed: %s", exc)

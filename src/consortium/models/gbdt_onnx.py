@@ -1,6 +1,6 @@
 """ONNX export of a boosted ensemble: ``ai.onnx.ml.TreeEnsembleRegressor`` + ``Sigmoid``.
 
-The graph takes ``features`` (float32, ``(N, d)``, the raw feature columns in the
+The graph takes ``input`` (float32, ``(N, d)``, the raw feature columns in the
 training order) and returns ``score`` (float32, ``(N,)``): the fraud
 probability, equal to :func:`consortium.models.gbdt.predict_proba` to about
 1e-6. Every split node is ``BRANCH_LEQ`` on the float32 bin edge the tree was
@@ -11,7 +11,8 @@ edge agent scores it with onnxruntime like any other bundle model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from consortium.models.gbdt import BoostResult
 from consortium.models.gbdt_binning import BinEdges
 from consortium.models.gbdt_tree import Ensemble
 
-INPUT_NAME = "features"
+INPUT_NAME = "input"
+"""Same input and output names as the MLP bundles (consortium.registry.export)."""
 OUTPUT_NAME = "score"
 ML_OPSET = 3
 ONNX_OPSET = 17
@@ -103,3 +105,44 @@ def onnx_scores(model_bytes: bytes, X: np.ndarray) -> np.ndarray:  # noqa: N803
     sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
     out = sess.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(X, dtype=np.float32)})[0]
     return np.asarray(out, dtype=np.float64)
+
+
+def export_bundle(
+    out_path: Path | str,
+    *,
+    result: BoostResult,
+    feature_names: Sequence[str],
+    threshold: float,
+    model_version: str,
+    private_key: Any,
+    run_id: str | None = None,
+    parent_version: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    privacy: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the ensemble as a signed bundle (:func:`consortium.registry.bundle.write_bundle`), kind ``gbdt``.
+
+    Feature ranges in the manifest are the outermost bin edges (where the
+    federated quantiles put the bulk of the rows); a feature without edges
+    (constant) has no range. ``threshold`` is the probability threshold the
+    coordinator chose on summed validation histograms.
+    """
+    from consortium.registry.bundle import BundleManifest, FeatureSpec, write_bundle  # noqa: PLC0415
+
+    names = list(feature_names)
+    if len(names) != result.edges.n_features:
+        raise param_error("feature_names", "export_bundle", f"{result.edges.n_features} names", len(names))
+    features = tuple(
+        FeatureSpec(name, "float32", float(e[0]) if len(e) else None, float(e[-1]) if len(e) else None)
+        for name, e in zip(names, result.edges.edges, strict=True)
+    )
+    manifest = BundleManifest(
+        model_version=model_version, parent_version=parent_version, kind="gbdt", features=features,
+        thresholds={"default": float(threshold)}, input_name=INPUT_NAME, output_name=OUTPUT_NAME, run_id=run_id,
+        metrics={k: float(v) for k, v in (metrics or {}).items() if np.isfinite(v)},
+        privacy=dict(privacy) if privacy is not None else None,
+        extra={"score": "fraud probability in [0, 1]", "trees": len(result.ensemble.trees),
+               "operators": "ai.onnx.ml.TreeEnsembleRegressor + Sigmoid", "ml_opset": ML_OPSET},
+    )
+    onnx_bytes = export_onnx(result, feature_names=names)
+    return write_bundle(out_path, onnx_model=onnx_bytes, manifest=manifest, private_key=private_key)
