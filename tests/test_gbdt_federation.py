@@ -20,7 +20,7 @@ from consortium.errors import FederationError
 from consortium.federation import gbdt_protocol as p
 from consortium.federation.client_app import build_client_app
 from consortium.federation.config import FederationConfig
-from consortium.federation.gbdt_coordinator import GBDTCoordinator, GBDTRunResult
+from consortium.federation.gbdt_coordinator import GBDTCoordinator, GBDTRunResult, load_gbdt_checkpoint
 from consortium.models.gbdt import GBDTParams, fit_local, predict_proba
 from consortium.privacy.ledger import PrivacyLedger
 from consortium.registry import RunStore
@@ -83,6 +83,12 @@ def test_plain_federation_grows_exactly_the_centralized_trees(tmp_path: Path) ->
     np.testing.assert_allclose(fed.predict_proba(split.holdout.X), predict_proba(central, split.holdout.X), atol=1e-9)
     assert len(fed.boost.edges.edges[4]) == 0  # constant feature: one bin, never split
     assert fed.holdout_metrics["roc-auc"] > 0.7
+    with RunStore(f"sqlite:///{tmp_path}/runs.db") as store:  # the kept ensemble is the last round's checkpoint
+        rounds = store.rounds(fed.run_id)
+        stored, threshold, names = load_gbdt_checkpoint(store, fed.run_id)
+    assert [r.round for r in rounds] == list(range(1, PARAMS.n_trees + 1))
+    assert threshold == fed.threshold and names == FEATURES
+    np.testing.assert_array_equal(predict_proba(stored, split.holdout.X), fed.predict_proba(split.holdout.X))
 
 
 def test_secure_aggregation_hides_histograms_and_matches_plain(tmp_path: Path) -> None:

@@ -51,7 +51,14 @@ from consortium.models.gbdt import (
     predict_proba,
 )
 from consortium.models.gbdt_binning import DEFAULT_CELLS, BinEdges, edges_from_cell_counts
-from consortium.models.gbdt_tree import EMPTY_DIGEST, Tree, ensemble_digest
+from consortium.models.gbdt_tree import (
+    EMPTY_DIGEST,
+    Ensemble,
+    Tree,
+    ensemble_digest,
+    trees_from_arrays,
+    trees_to_arrays,
+)
 from consortium.models.metrics import evaluate_scores
 from consortium.registry import RoundRecord, RunStore
 from consortium.secagg.config import SecAggConfig
@@ -308,12 +315,20 @@ class GBDTCoordinator:
                                       noise_std=dp.per_institution(dp.level_std, len(node_ids)) if dp
                                       else self.noise_std)
 
+            # One run-store round per tree; each is written when the next arrives, so the last one can
+            # carry the kept ensemble as its checkpoint (see load_gbdt_checkpoint).
+            pending: list[RoundRecord] = []
+            started = [datetime.now(UTC)]
+
             def record(n_trees: int, point: ValidationPoint | None) -> None:
                 now = datetime.now(UTC)
                 metrics = {"val-loss": point.loss, "val-auprc": point.auprc} if point else {}
-                self.store.record_round(run_id, RoundRecord(round=n_trees, started_at=now, finished_at=now,
-                                                            participants=institutions, dropped=(),
-                                                            train_metrics={}, global_metrics=metrics))
+                if pending:
+                    self.store.record_round(run_id, pending.pop())
+                pending.append(RoundRecord(round=n_trees, started_at=started[0], finished_at=now,
+                                           participants=institutions, dropped=(), train_metrics={},
+                                           global_metrics=metrics))
+                started[0] = now
                 if self.on_tree is not None:
                     self.on_tree(n_trees, point)
 
@@ -329,6 +344,13 @@ class GBDTCoordinator:
             if self.holdout is not None:
                 fm = evaluate_scores(self.holdout.y, predict_proba(result, self.holdout.X), threshold=threshold)
                 holdout = {"auprc": fm.auprc, "roc-auc": fm.roc_auc, "recall-at-1pct-fpr": fm.recall_at_1pct_fpr}
+            if pending:
+                last = pending.pop()
+                last = RoundRecord(round=last.round, started_at=last.started_at, finished_at=last.finished_at,
+                                   participants=last.participants, dropped=(), train_metrics={},
+                                   global_metrics={**last.global_metrics, **holdout, "threshold": threshold})
+                arrays, extra = checkpoint_of(result, threshold=threshold, feature_names=feature_names)
+                self.store.record_round(run_id, last, checkpoint=arrays, checkpoint_extra=extra)
             privacy: dict[str, Any] = {}
             if dp is not None:
                 from consortium.federation.gbdt_privacy import charge_run  # noqa: PLC0415
@@ -345,6 +367,35 @@ class GBDTCoordinator:
                              institutions=institutions, holdout_metrics=holdout, seconds=time.perf_counter() - t0,
                              requests=source.requests,
                              extra={"n_val": n_val, "pooled_rows": stats.count, "privacy": privacy})
+
+
+_CHECKPOINT_KEYS = ("feature", "threshold", "left", "right", "value", "sizes", "edges", "edge-sizes", "max-bins")
+
+
+def checkpoint_of(result: BoostResult, *, threshold: float, feature_names: Sequence[str]
+                  ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Run-store checkpoint of the kept ensemble: flat tree arrays, bin edges and what scoring needs."""
+    arrays = {**trees_to_arrays(result.ensemble.trees), **result.edges.to_arrays()}
+    if not result.ensemble.trees:
+        arrays.update({k: np.zeros(0) for k in ("feature", "threshold", "left", "right", "value")})
+    extra = {"model": "gbdt", "base_score": result.ensemble.base_score, "threshold": threshold,
+             "trees": len(result.ensemble.trees), "feature_names": list(feature_names),
+             "arrays": list(_CHECKPOINT_KEYS), "params": dict(result.params.__dict__)}
+    return [np.asarray(arrays[k]) for k in _CHECKPOINT_KEYS], extra
+
+
+def load_gbdt_checkpoint(store: RunStore, run_id: str) -> tuple[BoostResult, float, tuple[str, ...]]:
+    """The kept ensemble of a finished boosting run (for export after a deployed run)."""
+    ckpt = store.load_checkpoint(run_id)
+    if ckpt.extra.get("model") != "gbdt":
+        raise FederationError(f"Run {run_id!r} is not a gradient-boosting run (checkpoint model "
+                              f"{ckpt.extra.get('model')!r}).")
+    arrays = dict(zip(ckpt.extra["arrays"], ckpt.arrays, strict=True))
+    trees = trees_from_arrays(arrays) if len(arrays["sizes"]) else []
+    edges = BinEdges.from_arrays(arrays)
+    result = BoostResult(ensemble=Ensemble(base_score=float(ckpt.extra["base_score"]), trees=trees), edges=edges,
+                         params=GBDTParams(**ckpt.extra["params"]), best_n_trees=len(trees))
+    return result, float(ckpt.extra["threshold"]), tuple(ckpt.extra["feature_names"])
 
 
 def tree_summary(trees: Sequence[Tree]) -> dict[str, float]:
