@@ -67,7 +67,7 @@ DP_DELTA = 1e-5
 
 def make_split(name: str, *, scheme: str, seed: int, quick: bool) -> FederatedSplit:
     if name == "synthetic":
-        fed = generate_federation(5, transactions_per_institution=3_000 if quick else 20_000, seed=seed)
+        fed = generate_federation(5, transactions_per_institution=3_000 if quick else 5_000, seed=seed)
         return federate_institutions({k: v.dataset for k, v in fed.items()}, seed=seed)
     ds = load_npz(SHARED_DATA / f"{name}.npz", name=name)
     return federate(ds, 5, scheme=scheme, alpha=0.5, seed=seed)  # type: ignore[arg-type]
@@ -155,42 +155,36 @@ def mean(values: list[float]) -> float:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="*", default=None)
+    p.add_argument("--schemes", nargs="*", default=None, help="Partitions of the .npz datasets (iid dirichlet).")
     p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--no-dp", action="store_true", help="Skip the DP runs.")
-    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
-                   help="Merge results of runs over different --datasets (each written with --json) into one.")
+    p.add_argument("--runs-out", default=None, metavar="JSONL",
+                   help="Append every finished run here as one JSON line (several processes can share the work).")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSONL",
+                   help="Build the result from run lines written with --runs-out (no training).")
     args = p.parse_args()
+    params = GBDTParams(n_trees=30) if args.quick else PARAMS
+    dp_params = GBDTParams(n_trees=5, learning_rate=0.3, max_depth=3, max_leaves=8, max_bins=32) if args.quick \
+        else DP_PARAMS
+    t_start = time.perf_counter()
     if args.combine:
-        parts = [json.loads(Path(f).read_text()) for f in args.combine]
-        result = parts[0]
-        for other in parts[1:]:
-            result["datasets"].update(other["datasets"])
-            result["summary"]["datasets"].update(other["summary"]["datasets"])
-            result["seconds"] += other["seconds"]
-        headline = result["summary"]["datasets"].get("5_campaign") or next(iter(result["summary"]["datasets"].values()))
-        result["summary"].update({k: headline[k] for k in SUMMARY_KEYS})
-        write_results("gbdt", result, markdown(result), json_path=args.json_path)
-        print(markdown(result))
+        runs = [json.loads(line) for f in args.combine for line in Path(f).read_text().splitlines() if line.strip()]
+        finish(runs, args=args, params=params, dp_params=dp_params, seconds=sum(r["seconds"] for r in runs))
         return
     logging.basicConfig(level=logging.WARNING)
     datasets = args.datasets or (["synthetic"] if args.quick else ["5_campaign", "23_mammography", "synthetic"])
     n_seeds = args.seeds or (1 if args.quick else 3)
-    params = GBDTParams(n_trees=30) if args.quick else PARAMS
-    dp_params = GBDTParams(n_trees=5, learning_rate=0.3, max_depth=3, max_leaves=8, max_bins=32) if args.quick \
-        else DP_PARAMS
-    mlp = mlp_reference()
-    t_start = time.perf_counter()
-    per_dataset: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
+    runs = []
     with tempfile.TemporaryDirectory() as tmp_root:
         tmp = Path(tmp_root)
         for name in datasets:
-            schemes = ["non-iid"] if name == "synthetic" else ["iid", "dirichlet"]
-            runs = []
+            schemes = ["non-iid"] if name == "synthetic" else (args.schemes or ["dirichlet", "iid"])
             for scheme in schemes:
-                for seed in range(n_seeds):
+                for seed in range(args.first_seed, args.first_seed + n_seeds):
+                    t0 = time.perf_counter()
                     split = make_split(name, scheme=scheme, seed=seed, quick=args.quick)
-                    run: dict[str, Any] = {"scheme": scheme, "seed": seed}
+                    run: dict[str, Any] = {"dataset": name, "scheme": scheme, "seed": seed}
                     tag = f"{name}-{scheme}-{seed}"
                     run["plain"] = federated(split, tmp / f"{tag}-plain", secure=False, params=params)
                     run["secagg"] = federated(split, tmp / f"{tag}-secagg", secure=True, params=params)
@@ -204,38 +198,51 @@ def main() -> None:
                     run["central_hgb"] = hgb(split, params, seed)
                     run["central_xgb"] = xgb(split, params, seed)
                     run["local_only"] = local_only(split, params)
+                    run["seconds"] = time.perf_counter() - t0
                     runs.append(run)
+                    if args.runs_out:
+                        with open(args.runs_out, "a") as fh:
+                            fh.write(json.dumps(run, default=float) + "\n")
                     print(f"{tag}: fed plain {run['plain']['auprc']:.4f} secagg {run['secagg']['auprc']:.4f} "
                           f"HGB {run['central_hgb']['auprc']:.4f} XGB {run['central_xgb']['auprc']:.4f} "
                           f"local {run['local_only']['auprc']:.4f} secagg/plain time "
-                          f"{run['secagg_time_over_plain']:.2f}", flush=True)
-            per_dataset[name] = {"runs": runs, "by_scheme": {s: aggregate([r for r in runs if r["scheme"] == s])
-                                                             for s in schemes}}
-            main_scheme = "non-iid" if name == "synthetic" else "dirichlet"
-            agg = per_dataset[name]["by_scheme"][main_scheme]
-            fed, cen = agg["secagg_auprc"], agg["central_hgb_auprc"]
-            summary[name] = {
-                "fed_gbdt_auprc": fed, "central_hgb_auprc": cen, "central_xgb_auprc": agg["central_xgb_auprc"],
-                "fed_gbdt_over_central": fed / cen, "fed_mlp_auprc": mlp.get(name, float("nan")),
-                "local_only_auprc": agg["local_only_auprc"],
-                "secagg_time_over_plain": mean([r["secagg_time_over_plain"] for r in runs]),
-                "target_met": bool(fed >= 0.97 * cen and fed > mlp.get(name, float("nan"))),
-            }
-            if not args.quick:  # keep finished datasets if a later one fails
-                partial = RESULTS_DIR / f"gbdt_partial_{'_'.join(datasets)}.json"
-                partial.write_text(json.dumps({"summary": summary, "datasets": per_dataset}, default=float))
-    headline = summary.get("5_campaign") or summary[datasets[0]]
+                          f"{run['secagg_time_over_plain']:.2f} ({run['seconds']:.0f} s)", flush=True)
+    if not args.runs_out or args.quick:
+        finish(runs, args=args, params=params, dp_params=dp_params, seconds=time.perf_counter() - t_start)
+
+
+def finish(runs: list[dict[str, Any]], *, args: Any, params: GBDTParams, dp_params: GBDTParams,
+           seconds: float) -> None:
+    """Aggregate runs per dataset and partition, check the targets, write results/gbdt.{json,md}."""
+    mlp = mlp_reference()
+    per_dataset: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for name in dict.fromkeys(r["dataset"] for r in runs):
+        mine = [r for r in runs if r["dataset"] == name]
+        schemes = list(dict.fromkeys(r["scheme"] for r in mine))
+        per_dataset[name] = {"runs": mine, "by_scheme": {s: aggregate([r for r in mine if r["scheme"] == s])
+                                                         for s in schemes}}
+        main_scheme = "non-iid" if name == "synthetic" else "dirichlet"
+        agg = per_dataset[name]["by_scheme"].get(main_scheme) or per_dataset[name]["by_scheme"][schemes[0]]
+        fed, cen = agg["secagg_auprc"], agg["central_hgb_auprc"]
+        summary[name] = {
+            "fed_gbdt_auprc": fed, "central_hgb_auprc": cen, "central_xgb_auprc": agg["central_xgb_auprc"],
+            "fed_gbdt_over_central": fed / cen, "fed_mlp_auprc": mlp.get(name, float("nan")),
+            "local_only_auprc": agg["local_only_auprc"],
+            "secagg_time_over_plain": mean([r["secagg_time_over_plain"] for r in mine]),
+            "seeds": len({r["seed"] for r in mine}),
+            "target_met": bool(fed >= 0.97 * cen and fed > mlp.get(name, float("nan"))
+                               and mean([r["secagg_time_over_plain"] for r in mine]) <= 2.0),
+        }
+    headline = summary.get("5_campaign") or next(iter(summary.values()))
     result = {
-        "benchmark": "gbdt", "quick": args.quick, "seeds": n_seeds, "params": params.__dict__,
-        "dp_params": dp_params.__dict__, "dp_delta": DP_DELTA, "environment": environment(),
-        "seconds": time.perf_counter() - t_start,
+        "benchmark": "gbdt", "quick": bool(args.quick), "seeds": max(s["seeds"] for s in summary.values()),
+        "params": params.__dict__, "dp_params": dp_params.__dict__, "dp_delta": DP_DELTA,
+        "environment": environment(), "seconds": seconds,
         "summary": {k: headline[k] for k in SUMMARY_KEYS} | {"datasets": summary},
         "datasets": per_dataset,
     }
-    name = "gbdt" if not args.quick and args.datasets is None else "gbdt_quick" if args.quick else \
-        "gbdt_" + "_".join(datasets)
-    write_results(name, result, markdown(result), json_path=args.json_path)
-    (RESULTS_DIR / f"gbdt_partial_{'_'.join(datasets)}.json").unlink(missing_ok=True)
+    write_results("gbdt_quick" if args.quick else "gbdt", result, markdown(result), json_path=args.json_path)
     print(markdown(result))
 
 
