@@ -280,7 +280,9 @@ def test_consortium_app_template_declares_every_federation_config_key() -> None:
         "serverapp": "consortium.federation.server_app:app",
         "clientapp": "consortium.federation.client_app:app",
     }
-    assert app["config"] == FederationConfig().to_run_config()
+    from consortium.models.gbdt import GBDTParams  # noqa: PLC0415
+
+    assert app["config"] == {**FederationConfig().to_run_config(), **GBDTParams().to_config()}
 
 
 def test_to_toml_round_trips_awkward_values() -> None:

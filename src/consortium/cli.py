@@ -96,7 +96,9 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--transactions", type=click.IntRange(1000), default=20_000, show_default=True,
               help="Transactions generated per institution.")
 @click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
+@click.option("--model", type=click.Choice(["mlp", "autoencoder", "gbdt"]), default="mlp", show_default=True,
+              help="gbdt: federated gradient-boosted trees (--trees; --rounds does not apply).")
+@click.option("--trees", type=click.IntRange(1), default=200, show_default=True, help="gbdt: maximum trees.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True,
               help="Sum updates with secure aggregation (the coordinator sees only sums).")
@@ -109,7 +111,7 @@ def main(ctx: click.Context, verbose: int) -> None:
               help="Serve the live dashboard (127.0.0.1:8050 or a free port) while the demo runs.")
 @click.option("--keep-dashboard", is_flag=True, help="Keep the dashboard up after the demo until Ctrl-C.")
 @_friendly_errors
-def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model: str, strategy: str,
+def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model: str, trees: int, strategy: str,
          secure_aggregation: bool, seed: int, store_url: str | None, as_json: bool, broker_url: str | None,
          with_dashboard: bool, keep_dashboard: bool) -> None:
     """Five synthetic banks train one fraud model together, end to end.
@@ -118,6 +120,12 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     trains local-only and centralized baselines on the same split, prints AUPRC /
     ROC-AUC / recall@1%FPR for each and writes a PNG of AUPRC per round.
     """
+    if model == "gbdt":
+        from consortium.federation.gbdt_cli import gbdt_demo_command  # noqa: PLC0415
+
+        gbdt_demo_command(out_dir=out_dir, institutions=institutions, transactions=transactions, trees=trees,
+                          secure_aggregation=secure_aggregation, seed=seed, store_url=store_url, as_json=as_json)
+        return
     from consortium.dashboard.server import start_demo_dashboard  # noqa: PLC0415
     from consortium.demo import run_demo  # noqa: PLC0415
     from consortium.federation.progress import RoundProgress  # noqa: PLC0415
@@ -184,7 +192,10 @@ def _demo_report(out: Any, *, as_json: bool) -> None:
               help="Epochs each institution trains per round.")
 @click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Local learning rate (Adam).")
 @click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True)
-@click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
+@click.option("--model", type=click.Choice(["mlp", "autoencoder", "gbdt"]), default="mlp", show_default=True,
+              help="gbdt: federated gradient-boosted trees (--trees, --dp-epsilon; MLP options do not apply).")
+@click.option("--trees", type=click.IntRange(1), default=200, show_default=True, help="gbdt: maximum trees.")
+@click.option("--dp-epsilon", type=float, default=None, help="gbdt: DP on the histograms at this epsilon.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
 @click.option("--loss", type=click.Choice(["weighted_bce", "focal", "bce"]), default="weighted_bce", show_default=True)
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True)
@@ -200,8 +211,8 @@ def _demo_report(out: Any, *, as_json: bool) -> None:
 @_friendly_errors
 def simulate(data_path: str, label_column: str, institutions: int, partition: str, alpha: float,
              transactions: int, rounds: int, local_epochs: int, lr: float, batch_size: int, model: str,
-             strategy: str, loss: str, secure_aggregation: bool, baselines: bool, seed: int,
-             store_url: str, out_dir: str | None, as_json: bool, **publish: Any) -> None:
+             trees: int, dp_epsilon: float | None, strategy: str, loss: str, secure_aggregation: bool,
+             baselines: bool, seed: int, store_url: str, out_dir: str | None, as_json: bool, **publish: Any) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
     check_publish_options(publish)
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
@@ -211,6 +222,13 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
 
     split, name = _load_split(data_path, label_column=label_column, institutions=institutions,
                               partition=partition, alpha=alpha, transactions=transactions, seed=seed)
+    if model == "gbdt":
+        from consortium.federation.gbdt_cli import gbdt_simulate_command  # noqa: PLC0415
+
+        gbdt_simulate_command(split, name=name, trees=trees, dp_epsilon=dp_epsilon,
+                              secure_aggregation=secure_aggregation, baselines=baselines, seed=seed,
+                              store_url=store_url, out_dir=out_dir, as_json=as_json)
+        return
     config = FederationConfig(
         num_rounds=rounds, strategy=strategy, model=model, local_epochs=local_epochs, lr=lr,  # type: ignore[arg-type]
         batch_size=batch_size, loss=loss, min_nodes=len(split.institutions),

@@ -9,6 +9,9 @@ What leaves the institution, per message type:
 * ``train``       - the model delta ``local - global`` and the example count;
   under secure aggregation these only ever leave masked (see
   :mod:`consortium.secagg`).
+* ``query.gbdtbins`` / ``query.gbdtlevel`` - federated boosting: fine-grid cell
+  counts and per-node gradient/hessian/count histograms, summed like ``train``
+  (see :mod:`consortium.federation.gbdt_protocol`).
 * ``evaluate``    - per-class histograms of validation scores (for the federated
   threshold) and, only if the institution's ``disclose-eval`` node setting allows
   it, metrics on its own test split.
@@ -121,6 +124,20 @@ def build_client_app(
         arrays = ArrayRecord({"stats": _array(encode_limbs(flat))})
         metrics = MetricRecord({m.WEIGHT: 1})
         return Message(RecordDict({m.UPDATE: arrays, m.METRICS: metrics}), reply_to=msg)
+
+    @app.query("gbdtbins")
+    def gbdt_bins(msg: Message, context: Context) -> Message:
+        from consortium.federation.gbdt_client import bins_reply  # noqa: PLC0415
+
+        return Message(bins_reply(_load(context, data_dirs), msg.content), reply_to=msg)
+
+    @app.query("gbdtlevel")
+    def gbdt_level(msg: Message, context: Context) -> Message:
+        from consortium.federation.gbdt_client import data_tag, level_reply  # noqa: PLC0415
+
+        tag = data_tag(resolve_data_path(context, data_dirs))
+        reply = level_reply(lambda: _load(context, data_dirs), msg.content, context, tag=tag)
+        return Message(reply, reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

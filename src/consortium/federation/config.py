@@ -18,10 +18,10 @@ from typing import Any, Literal
 from consortium.errors import param_error
 
 Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam"]
-ModelKind = Literal["mlp", "autoencoder"]
+ModelKind = Literal["mlp", "autoencoder", "gbdt"]
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam")
-MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder")
+MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder", "gbdt")
 LOSSES: tuple[str, ...] = ("weighted_bce", "focal", "bce")
 
 
@@ -37,8 +37,10 @@ class FederationConfig:
         Server-side aggregation rule. ``fedprox`` adds the proximal term
         ``proximal_mu / 2 * ||w - w_global||^2`` to the local loss; ``fedavgm``
         adds server momentum.
-    model : {"mlp", "autoencoder"}
-        Supervised classifier or unsupervised reconstruction model.
+    model : {"mlp", "autoencoder", "gbdt"}
+        Supervised classifier, unsupervised reconstruction model, or federated
+        gradient-boosted trees (hyperparameters as ``gbdt-*`` keys in ``extra``,
+        see :class:`consortium.models.gbdt.GBDTParams`).
     hidden : tuple of int
         Hidden layer widths.
     local_epochs, batch_size, lr, weight_decay, loss, focal_gamma :

@@ -52,6 +52,13 @@ def build_server_app(
         cfg = config if config is not None else FederationConfig.from_run_config(context.run_config)
         store = store_factory(cfg) if store_factory is not None else RunStore(cfg.store_url)
         try:
+            if cfg.model == "gbdt":  # federated boosting: its own coordinator, same nodes and store
+                from consortium.federation.gbdt_coordinator import GBDTCoordinator  # noqa: PLC0415
+                from consortium.models.gbdt import GBDTParams  # noqa: PLC0415
+
+                params = GBDTParams.from_config(dict(cfg.extra))
+                GBDTCoordinator(cfg, params=params, store=store, holdout=holdout).run(grid)
+                return
             result = Coordinator(cfg, store=store, on_round=on_round, holdout=holdout).run(grid)
         except BaseException as exc:
             logger.error("Federated run failed: %s", exc)
