@@ -263,6 +263,7 @@ def test_mqtt5_persistent_session_and_qos1_redelivery(broker: EmbeddedBroker) ->
     assert _wait(lambda: len(got2) == 6)
     assert [x.payload for x in got2] == [str(i).encode() for i in range(6)]
     assert [x.dup for x in got2] == [True] * 3 + [False] * 3  # the unacknowledged three are re-sent
+    assert _wait(lambda: not broker.sessions[cid].inflight)  # paho acknowledges after on_message returns
     _close(again)
     # Everything acknowledged now: a third connection gets nothing more; clean start drops the session.
     third, got3, present = _client5(broker, client_id=cid, clean_start=False, expiry=300)
@@ -272,7 +273,7 @@ def test_mqtt5_persistent_session_and_qos1_redelivery(broker: EmbeddedBroker) ->
     fresh, _, present = _client5(broker, client_id=cid, clean_start=True, expiry=0)
     assert present == [False]
     _close(fresh)
-    assert cid not in broker.sessions  # expiry 0: the session ends with the connection
+    assert _wait(lambda: cid not in broker.sessions)  # expiry 0: the session ends with the connection
     _close(pub)
 
 
@@ -282,7 +283,7 @@ def test_mqtt5_session_expiry_interval_is_kept(broker: EmbeddedBroker) -> None:
     c.subscribe("e/#", 1)
     time.sleep(0.1)
     _close(c)
-    assert cid in broker.sessions
+    assert _wait(lambda: broker.sessions[cid].connection is None)
     assert _wait(lambda: cid not in broker.sessions, timeout=3)
     again, _, present = _client5(broker, client_id=cid, clean_start=False, expiry=1)
     assert present == [False]
