@@ -10,6 +10,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from consortium.edge import messages as m
 from consortium.edge.broker import EmbeddedBroker, topic_matches
@@ -42,6 +46,32 @@ def _client(broker: EmbeddedBroker, *, client_id: str = "", clean: bool = True) 
     c.connect("127.0.0.1", broker.port, keepalive=5)
     c.loop_start()
     return c, got
+
+
+def _client5(broker: EmbeddedBroker, *, client_id: str, clean_start: bool = True, expiry: int = 0,
+             receive_maximum: int | None = None, manual_ack: bool = False) -> tuple[mqtt.Client, list, list]:
+    """An MQTT 5 paho client; returns it, the messages it got and the CONNACK session-present flags."""
+    got: list[mqtt.MQTTMessage] = []
+    present: list[bool] = []
+    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+    c.on_message = lambda _c, _u, msg: got.append(msg)
+    c.on_connect = lambda _c, _u, flags, reason, _p: present.append(flags.session_present) \
+        if not reason.is_failure else None
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
+    c.connect("127.0.0.1", broker.port, keepalive=5, clean_start=clean_start, properties=props)
+    c.loop_start()
+    assert _wait(lambda: len(present) == 1)
+    return c, got, present
+
+
+def _close(*clients: mqtt.Client) -> None:
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
 
 
 def _wait(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
@@ -108,9 +138,9 @@ def test_last_will_on_abrupt_disconnect_and_bad_protocol_refused(broker: Embedde
     assert s.recv(4) == b"\x20\x02\x00\x00"  # CONNACK accepted
     s.close()  # no DISCONNECT: the will is published
     assert _wait(lambda: [x.payload for x in got] == [b"offline"])
-    v5 = _raw_connect(broker.port, will_topic="wills/v5", will=b"x", level=5)
-    assert v5.recv(4) == b"\x20\x02\x00\x01"  # unacceptable protocol version
-    v5.close()
+    v6 = _raw_connect(broker.port, will_topic="wills/v6", will=b"x", level=6)
+    assert v6.recv(4) == b"\x20\x02\x00\x01"  # unacceptable protocol version
+    v6.close()
     garbage = socket.create_connection(("127.0.0.1", broker.port))
     garbage.sendall(b"\xff" * 10)  # not MQTT: connection closed, broker unharmed
     garbage.close()
@@ -191,3 +221,143 @@ def test_process_publisher_replaces_a_dead_child(broker: EmbeddedBroker, tmp_pat
     finally:
         pub.stop()
         sink.close()
+
+
+def test_mqtt5_and_311_clients_talk_to_each_other(broker: EmbeddedBroker) -> None:
+    sub5, got5, present = _client5(broker, client_id="s5")
+    assert present == [False]
+    sub3, got3 = _client(broker)
+    sub5.subscribe("x/#", 1)
+    sub3.subscribe("x/#", 1)
+    time.sleep(0.1)
+    pub3, _ = _client(broker)
+    pub3.publish("x/from311", b"a", qos=1).wait_for_publish(5)
+    pub5, _, _ = _client5(broker, client_id="p5")
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("trace", "42")]
+    props.ContentType = "application/json"
+    pub5.publish("x/from5", b"b", qos=1, properties=props).wait_for_publish(5)
+    assert _wait(lambda: len(got5) == 2 and len(got3) == 2)
+    assert [x.payload for x in got5] == [b"a", b"b"] == [x.payload for x in got3]
+    forwarded = got5[1].properties
+    assert forwarded.UserProperty == [("trace", "42")] and forwarded.ContentType == "application/json"
+    _close(sub5, sub3, pub3, pub5)
+
+
+def test_mqtt5_persistent_session_and_qos1_redelivery(broker: EmbeddedBroker) -> None:
+    cid = f"p5-{uuid.uuid4().hex[:6]}"
+    # Manual acks: the first subscriber receives but never acknowledges, as a dashboard killed mid-batch.
+    sub, got, present = _client5(broker, client_id=cid, clean_start=False, expiry=300, manual_ack=True)
+    assert present == [False]
+    sub.subscribe("r/#", 1)
+    time.sleep(0.1)
+    pub, _ = _client(broker)
+    for i in range(3):
+        pub.publish("r/x", str(i).encode(), qos=1).wait_for_publish(5)
+    assert _wait(lambda: len(got) == 3)
+    _close(sub)
+    for i in range(3, 6):  # while offline: queued for the session
+        pub.publish("r/x", str(i).encode(), qos=1).wait_for_publish(5)
+    again, got2, present = _client5(broker, client_id=cid, clean_start=False, expiry=300)
+    assert present == [True]
+    assert _wait(lambda: len(got2) == 6)
+    assert [x.payload for x in got2] == [str(i).encode() for i in range(6)]
+    assert [x.dup for x in got2] == [True] * 3 + [False] * 3  # the unacknowledged three are re-sent
+    assert _wait(lambda: not broker.sessions[cid].inflight)  # paho acknowledges after on_message returns
+    _close(again)
+    # Everything acknowledged now: a third connection gets nothing more; clean start drops the session.
+    third, got3, present = _client5(broker, client_id=cid, clean_start=False, expiry=300)
+    time.sleep(0.2)
+    assert present == [True] and got3 == []
+    _close(third)
+    fresh, _, present = _client5(broker, client_id=cid, clean_start=True, expiry=0)
+    assert present == [False]
+    _close(fresh)
+    assert _wait(lambda: cid not in broker.sessions)  # expiry 0: the session ends with the connection
+    _close(pub)
+
+
+def test_mqtt5_session_expiry_interval_is_kept(broker: EmbeddedBroker) -> None:
+    cid = f"e5-{uuid.uuid4().hex[:6]}"
+    c, _, _ = _client5(broker, client_id=cid, clean_start=False, expiry=1)
+    c.subscribe("e/#", 1)
+    time.sleep(0.1)
+    _close(c)
+    assert _wait(lambda: broker.sessions[cid].connection is None)
+    assert _wait(lambda: cid not in broker.sessions, timeout=3)
+    again, _, present = _client5(broker, client_id=cid, clean_start=False, expiry=1)
+    assert present == [False]
+    _close(again)
+
+
+def test_mqtt5_receive_maximum_is_honoured(broker: EmbeddedBroker) -> None:
+    sub, got, _ = _client5(broker, client_id="rm", receive_maximum=2, manual_ack=True)
+    sub.subscribe("m/#", 1)
+    time.sleep(0.1)
+    pub, _ = _client(broker)
+    for i in range(6):
+        pub.publish("m/x", str(i).encode(), qos=1).wait_for_publish(5)
+    assert _wait(lambda: len(got) == 2)
+    time.sleep(0.2)
+    assert len(got) == 2  # no more than two unacknowledged messages in flight
+    for step in range(2):
+        for msg in list(got[-2:]):
+            sub.ack(msg.mid, msg.qos)
+        assert _wait(lambda n=step: len(got) == 4 + 2 * n)
+    assert [x.payload for x in got] == [str(i).encode() for i in range(6)]  # in order
+    _close(sub, pub)
+
+
+def test_mqtt5_subscription_options_and_will_on_disconnect_reason(broker: EmbeddedBroker) -> None:
+    pub, _, _ = _client5(broker, client_id="opts")
+    pub.publish("o/retained", b"r", qos=1, retain=True).wait_for_publish(5)
+    got: list[mqtt.MQTTMessage] = []
+    pub.on_message = lambda _c, _u, msg: got.append(msg)
+    pub.subscribe("o/#", options=SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True, retainHandling=2))
+    time.sleep(0.1)
+    pub.publish("o/own", b"own", qos=1).wait_for_publish(5)  # no-local: not sent back to its publisher
+    other, _ = _client(broker)
+    other.publish("o/other", b"other", qos=1, retain=True).wait_for_publish(5)
+    assert _wait(lambda: len(got) == 1)
+    time.sleep(0.1)
+    assert [(x.payload, x.retain) for x in got] == [(b"other", True)]  # retain handling 2: no retained on subscribe
+    watcher, wills = _client(broker)
+    watcher.subscribe("w/#", 1)
+    time.sleep(0.1)
+    leaver = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="leaver",
+                         protocol=mqtt.MQTTv5)
+    leaver.will_set("w/leaver", b"gone", qos=1)
+    leaver.connect("127.0.0.1", broker.port)
+    leaver.loop_start()
+    assert _wait(leaver.is_connected)
+    leaver.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=0x04))  # "with will message"
+    leaver.loop_stop()
+    assert _wait(lambda: [x.payload for x in wills] == [b"gone"])
+    _close(pub, other, watcher)
+
+
+def test_dashboard_ingest_through_embedded_broker(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """The dashboard's MQTT 5 ingest (manual acks, persistent session) stores what a 3.1.1 agent publishes."""
+    from consortium.dashboard.ingest import AlertIngestor, count_stored_alerts  # noqa: PLC0415
+    from consortium.registry import RunStore  # noqa: PLC0415
+
+    store = RunStore(f"sqlite:///{tmp_path / 'store.db'}")
+    pub = MqttPublisher(broker.url, institution="bank-d", agent="a1", outbox_path=tmp_path / "o.db").start()
+    try:
+        def send(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                pub.publish(m.Alert(msg_id="", institution="bank-d", agent="a1", transaction_id=str(i), score=0.9,
+                                    threshold=0.5, model_version="1", ts=m.now()))
+            assert pub.wait_delivered(timeout=20)
+
+        with AlertIngestor(store, broker.url, client_id="dash") as ingestor:
+            assert ingestor.connected
+            send(0, 50)
+            assert _wait(lambda: ingestor.stats().alerts_stored == 50, timeout=10)
+        send(50, 80)  # dashboard down: its persistent session keeps them
+        with AlertIngestor(store, broker.url, client_id="dash") as ingestor:
+            assert _wait(lambda: count_stored_alerts(store) == 80, timeout=10)
+            assert ingestor.wait_idle() and ingestor.stats().duplicates == 0
+    finally:
+        pub.stop()
+        store.close()

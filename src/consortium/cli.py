@@ -131,6 +131,7 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
     from consortium.federation.progress import RoundProgress  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
+        embedded = broker_url is None
         if broker_url is None:
             # One in-process broker for the whole demo: the edge agent publishes to it and the dashboard
             # subscribes to it, so the demo's alerts appear live on the page.
@@ -146,17 +147,26 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
                 out_dir=out_dir, institutions=institutions, transactions=transactions, rounds=rounds,
                 model=model, strategy=strategy, secure_aggregation=secure_aggregation, seed=seed,
                 store_url=store_url, on_round=progress.update, on_stage=progress.stage, broker_url=broker_url,
+                embedded_broker=embedded,
             )
-        _demo_report(out, as_json=as_json)
+        dashboard = None
+        if board is not None:
+            sent = int(out.edge["alerts"]) if out.edge is not None else 0
+            # Stop the dashboard only once it has every alert the agent delivered (they are on the page).
+            dashboard = {"url": board.url, "alerts_stored": board.wait_for_alerts(sent), "alerts_sent": sent}
+        _demo_report(out, as_json=as_json, dashboard=dashboard)
         if board is not None and keep_dashboard:
             click.echo(f"Dashboard still at {board.url}; Ctrl-C to stop.", err=as_json)
             with contextlib.suppress(KeyboardInterrupt):
                 board.wait()
 
 
-def _demo_report(out: Any, *, as_json: bool) -> None:
+def _demo_report(out: Any, *, as_json: bool, dashboard: dict[str, Any] | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(json.loads(out.json_path.read_text()), indent=2))
+        payload = json.loads(out.json_path.read_text())
+        if dashboard is not None:
+            payload["dashboard"] = dashboard
+        click.echo(json.dumps(payload, indent=2))
         return
     from consortium.federation.progress import print_results_table  # noqa: PLC0415
 
@@ -171,6 +181,9 @@ def _demo_report(out: Any, *, as_json: bool) -> None:
                    f"({e['alerts_received']:,} received over MQTT{', embedded broker' if e['embedded_broker'] else ''}"
                    f"), {e['frauds_alerted']}/{e['frauds_in_stream']} frauds alerted, "
                    f"p50 {e['latency_p50_us']:.0f} µs per transaction")
+    if dashboard is not None:
+        click.echo(f"Dashboard:       {dashboard['url']}  ({dashboard['alerts_stored']:,} of "
+                   f"{dashboard['alerts_sent']:,} edge alerts arrived live)")
     click.echo(f"Finished in {out.seconds:.0f} s")
 
 

@@ -57,9 +57,14 @@ def run_demo(
     on_round: RoundCallback | None = None,
     on_stage: Callable[[str], None] | None = None,
     broker_url: str | None = None,
+    embedded_broker: bool = False,
     edge: bool = True,
 ) -> DemoOutput:
-    """Generate data, train federated and baselines, write plot and JSON."""
+    """Generate data, train federated and baselines, write plot and JSON.
+
+    ``embedded_broker`` says that ``broker_url`` is an in-process broker the caller
+    started (``consortium demo`` shares one with its dashboard); it is only reported.
+    """
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,12 +95,13 @@ def run_demo(
         from consortium.edge.demo import run_edge_demo  # noqa: PLC0415
         from consortium.registry.signing import load_public_key  # noqa: PLC0415
 
+        embedded = embedded_broker or broker_url is None
         stage("Scoring the holdout stream with an edge agent over MQTT"
-              + (" (embedded broker)" if broker_url is None else f" ({broker_url})"))
+              + (" (embedded broker)" if embedded else f" ({broker_url})"))
         edge_result = run_edge_demo(
             bundle, public_key=load_public_key(out / "keys" / "bundle-signing.pem.pub"), X=split.holdout.X,
             y=split.holdout.y, feature_names=list(split.holdout.feature_names), broker_url=broker_url,
-            outbox_dir=out / "edge",
+            outbox_dir=out / "edge", embedded=embedded,
         ).to_json()
     s = result.summary()
     plot = plot_auprc_per_round(

@@ -78,6 +78,20 @@ class DashboardHandle:
             self.store.close()
         logger.info("Dashboard at %s stopped", self.url)
 
+    def wait_for_alerts(self, count: int, *, timeout: float = 10.0) -> int:
+        """Wait until ingest has stored ``count`` new alerts and written all it received; return how many it stored.
+
+        ``consortium demo`` calls it before stopping the dashboard, so that every alert
+        the edge agent delivered is on the page (and in the store) when the demo ends.
+        """
+        if self.ingestor is None:
+            return 0
+        deadline = time.monotonic() + timeout
+        while self.ingestor.stats().alerts_stored < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.ingestor.wait_idle(max(0.0, deadline - time.monotonic()))
+        return self.ingestor.stats().alerts_stored
+
     def wait(self) -> None:
         """Block until the HTTP server exits (Ctrl-C in ``consortium dashboard``)."""
         while not self._stop.is_set() and self._threads[0].is_alive():

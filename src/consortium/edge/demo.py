@@ -58,6 +58,7 @@ def run_edge_demo(
     institution: str = "demo-bank",
     outbox_dir: str | Path | None = None,
     timeout: float = 30.0,
+    embedded: bool | None = None,
 ) -> EdgeDemoResult:
     """Score ``X`` row by row as transactions through a real agent, publisher and broker.
 
@@ -74,6 +75,9 @@ def run_edge_demo(
         Column names of ``X``.
     broker_url : str, optional
         ``mqtt://host:port``; None starts the embedded broker.
+    embedded : bool, optional
+        Whether ``broker_url`` is an embedded broker the caller started (reported only;
+        default: ``broker_url is None``).
     """
     from consortium.edge.broker import EmbeddedBroker  # noqa: PLC0415
     from consortium.edge.publisher import MqttPublisher  # noqa: PLC0415
@@ -82,7 +86,8 @@ def run_edge_demo(
 
     model = ActiveModel.from_bundle(read_bundle(Path(bundle_path), public_key=public_key))
     with ExitStack() as stack:
-        embedded = broker_url is None
+        if embedded is None:
+            embedded = broker_url is None
         if broker_url is None:
             broker_url = stack.enter_context(EmbeddedBroker()).url
         tmp = Path(outbox_dir) if outbox_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
