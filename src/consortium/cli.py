@@ -33,6 +33,8 @@ import click
 from consortium import __version__
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
+from consortium.privacy.commands import dp_options
+from consortium.privacy.commands import privacy as privacy_group
 
 DEFAULTS = FederationConfig()
 """Command-line defaults are the library's defaults."""
@@ -156,10 +158,11 @@ def demo(out_dir: str, institutions: int, transactions: int, rounds: int, model:
               help="Keep institution data and results here (default: a temporary directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @_friendly_errors
+@dp_options
 def simulate(data_path: str, label_column: str, institutions: int, partition: str, alpha: float,
              transactions: int, rounds: int, local_epochs: int, lr: float, batch_size: int, model: str,
              strategy: str, loss: str, secure_aggregation: bool, baselines: bool, seed: int,
-             store_url: str, out_dir: str | None, as_json: bool) -> None:
+             store_url: str, out_dir: str | None, as_json: bool, dp_settings: dict[str, Any]) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
     from consortium.federation.experiment import dump_json, run_experiment  # noqa: PLC0415
@@ -172,6 +175,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
         num_rounds=rounds, strategy=strategy, model=model, local_epochs=local_epochs, lr=lr,  # type: ignore[arg-type]
         batch_size=batch_size, loss=loss, min_nodes=len(split.institutions),
         secure_aggregation=secure_aggregation, store_url=store_url, run_name=f"simulate-{name}", seed=seed,
+        **dp_settings,
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(out_dir) if out_dir else Path(tmp)
@@ -293,10 +297,11 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @click.option("--work-dir", type=click.Path(file_okay=False), default="coordinator-state", show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the run.")
 @_friendly_errors
+@dp_options
 def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
-                timeout: float) -> None:
+                timeout: float, dp_settings: dict[str, Any]) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
 
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
@@ -311,6 +316,7 @@ def coordinator(certs_dir: str | None, insecure: bool, fleet_address: str, datab
         num_rounds=rounds, strategy=strategy, model=model, min_nodes=min_nodes,  # type: ignore[arg-type]
         secure_aggregation=secure_aggregation, store_url=store_abs, run_name="deployed",
         holdout_path=str(Path(holdout).resolve()) if holdout else "",
+        **dp_settings,
     )
     work = Path(work_dir).resolve()
     with start_coordinator(certs=cert_paths, insecure=insecure, fleet_address=fleet_address,
@@ -419,6 +425,8 @@ def runs_show(run_id: str, store_url: str) -> None:
                        f"AUPRC {g.get('auprc', float('nan')):.4f}, ROC-AUC {g.get('roc-auc', float('nan')):.4f}")
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
+
+main.add_command(privacy_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,6 +45,7 @@ from consortium.models import (
     predict_scores,
     set_parameters,
 )
+from consortium.privacy.federated import RunPrivacy
 from consortium.registry import RoundRecord, RunStore
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class Coordinator:
         if holdout is None and config.holdout_path:
             holdout = load_npz(config.holdout_path, name="holdout")
         self.holdout = holdout
+        self.data_ids: dict[str, str] = {}
+        """Institution -> fingerprint of its training data (keys of the privacy ledger)."""
 
     # -- stages -----------------------------------------------------------------
 
@@ -175,6 +178,7 @@ class Coordinator:
             names[node] = name
             schemas[name] = tuple(str(f) for f in info["feature-names"])  # type: ignore[union-attr]
             disclose[name] = bool(info["disclose-eval"])
+            self.data_ids[name] = str(info["data-fingerprint"]) if "data-fingerprint" in info else f"{name}:unknown"
         if len(names) < self.config.min_nodes:
             raise FederationError(
                 f"Only {len(names)} institution(s) answered the info query; min_nodes={self.config.min_nodes}."
@@ -217,6 +221,10 @@ class Coordinator:
         node_ids = sorted(names)
         stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
         standardizer = stats.standardizer()
+        privacy = RunPrivacy.plan(
+            cfg, store=self.store, data_ids=self.data_ids,
+            rows_per_institution=stats.count / max(len(names), 1), positive_rate=stats.positive_rate,
+        )
         pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
         model = build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed)
         params = get_parameters(model)
@@ -233,6 +241,9 @@ class Coordinator:
             }
         )
         run_config.pop("store-url", None)
+        if privacy is not None:
+            run_config["privacy"] = {"mechanism": privacy.mechanism.name, "delta": privacy.delta,
+                                     "params": privacy.mechanism.params()}
         run_id = self.store.create_run(name=cfg.run_name, config=run_config, institutions=institutions)
         logger.info(
             "Run %s: %d institutions %s, %d features, pooled positive rate %.4f, pos_weight %.1f, transport %s",
@@ -254,6 +265,7 @@ class Coordinator:
             "focal-gamma": cfg.focal_gamma,
             "proximal-mu": cfg.effective_proximal_mu,
             "histogram-bins": m.HISTOGRAM_BINS,
+            **(privacy.client_config() if privacy is not None else {}),
         }
         reports: list[RoundReport] = []
         threshold = 0.5
@@ -263,6 +275,8 @@ class Coordinator:
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
                 sampled = self._sample(grid, node_ids, rnd)
+                if privacy is not None:  # stop BEFORE a round that would exceed a budget
+                    privacy.check_before_round([names[n] for n in sampled])
                 content = RecordDict(
                     {
                         m.GLOBAL_ARRAYS: ArrayRecord.from_numpy_ndarrays([p.copy() for p in params]),
@@ -325,7 +339,9 @@ class Coordinator:
                         "hidden": list(cfg.hidden),
                         "feature_names": list(feature_names),
                         "optimizer": optimizer.name,
+                        **({"privacy": run_config["privacy"]} if privacy is not None else {}),
                     },
+                    also=None if privacy is None else privacy.charges_for(run_id, rnd, [names[n] for n in sampled]),
                 )
                 for inst, met in inst_metrics.items():
                     self.store.record_institution_metrics(
@@ -365,7 +381,8 @@ class Coordinator:
             feature_names=feature_names,
             institutions=institutions,
             selected_round=selected_round,
-            extra={"disclosure": disclose, "pos_weight": pos_weight},
+            extra={"disclosure": disclose, "pos_weight": pos_weight,
+                   **({"privacy": privacy.statement(institutions)} if privacy is not None else {})},
         )
 
     def _sample(self, grid: Grid, node_ids: Sequence[int], rnd: int) -> list[int]:

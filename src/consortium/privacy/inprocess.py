@@ -75,6 +75,8 @@ class InProcessConfig:
     batch_size: int = 128
     update_clip: float = 0.5
     server_lr: float = 1.0
+    average_last: int = 0
+    """Release the mean of the last k global models (Polyak averaging; post-processing, no privacy cost)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ def train_private_federated(
             "delta": cfg.delta, "epsilon_reported": eps, "unit": "institution",
         }
     xs = [std.transform(X) for X, _ in parts]
+    history: list[list[np.ndarray]] = []
     for rnd in range(1, cfg.rounds + 1):
         deltas: list[list[np.ndarray]] = []
         for i, (X, (_, y)) in enumerate(zip(xs, parts, strict=True)):
@@ -201,6 +204,10 @@ def train_private_federated(
         else:
             mean = _mean_delta(deltas)
         params = [(p + cfg.server_lr * m).astype(p.dtype) for p, m in zip(params, mean, strict=True)]
+        if cfg.average_last > 0 and rnd > cfg.rounds - cfg.average_last:
+            history.append(params)
+    if history:
+        params = [np.mean([h[i] for h in history], axis=0).astype(params[i].dtype) for i in range(len(params))]
     return InProcessResult(
         params=params, standardizer=std, mechanism=mech, epsilon=eps, epsilon_rdp=eps_rdp,
         delta=cfg.delta, accounting=accounting, config=cfg,

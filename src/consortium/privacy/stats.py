@@ -37,7 +37,7 @@ class PrivateStatsSpec:
     """
 
     noise_multiplier: float = 30.0
-    bound: float = 3.0
+    bound: float = 1.0
 
     def __post_init__(self) -> None:
         check_noise_multiplier(self.noise_multiplier, "PrivateStatsSpec")
