@@ -18,13 +18,20 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from _common import RESULTS_DIR, SHARED_DATA, environment, parser, write_results
+
 from consortium.data import load_npz
 from consortium.data.partition import federate, federate_institutions
 from consortium.data.synthetic import generate_federation
-from consortium.models import TrainConfig, balanced_pos_weight, build_model, evaluate_scores, predict_scores, train_local
-from consortium.models import FeatureStats
+from consortium.models import (
+    FeatureStats,
+    TrainConfig,
+    balanced_pos_weight,
+    build_model,
+    evaluate_scores,
+    predict_scores,
+    train_local,
+)
 from consortium.privacy.audit import bce_losses, loss_threshold_auc
 from consortium.privacy.inprocess import InProcessConfig, train_private_federated
 
@@ -38,10 +45,14 @@ NONPRIVATE = {"rounds": 30, "hidden": (16,)}
 def make_parts(name: str, n_inst: int, seed: int, quick: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
     if name == "synthetic":
         fed = generate_federation(n_inst, transactions_per_institution=6_000 if quick else 20_000, seed=seed)
-        split = federate_institutions({k: v.dataset for k, v in fed.items()}, seed=seed, val_fraction=0.1, test_fraction=0.1)
+        split = federate_institutions(
+            {k: v.dataset for k, v in fed.items()}, seed=seed, val_fraction=0.1, test_fraction=0.1
+        )
         # Public, data-independent preprocessing (amounts and counts span 6 orders of magnitude):
         # signed log1p, so that the private statistics' clipping bound is meaningful.
-        return [(_slog(i.train.X), i.train.y) for i in split.institutions], _Holdout(_slog(split.holdout.X), split.holdout.y)
+        return [(_slog(i.train.X), i.train.y) for i in split.institutions], _Holdout(
+            _slog(split.holdout.X), split.holdout.y
+        )
     else:
         ds = load_npz(SHARED_DATA / f"{name}.npz", name=name)
         split = federate(ds, n_inst, scheme="iid", seed=seed, val_fraction=0.1, test_fraction=0.1, min_positives=1)
@@ -66,8 +77,14 @@ def baseline(parts: list[tuple[np.ndarray, np.ndarray]], holdout: Any, seed: int
     def fit(X: np.ndarray, y: np.ndarray) -> dict[str, float]:  # noqa: N803
         st = FeatureStats.from_data(X, y).standardizer()
         model = build_model("mlp", X.shape[1], hidden=NONPRIVATE["hidden"], seed=seed)
-        train_local(model, st.transform(X), y, config=TrainConfig(epochs=10, batch_size=128, lr=3e-3, seed=seed,
-                    pos_weight=balanced_pos_weight(float(np.mean(y)))))
+        train_local(
+            model,
+            st.transform(X),
+            y,
+            config=TrainConfig(
+                epochs=10, batch_size=128, lr=3e-3, seed=seed, pos_weight=balanced_pos_weight(float(np.mean(y)))
+            ),
+        )
         return metrics(holdout.y, predict_scores(model, st.transform(holdout.X)))
 
     local = [fit(X, y) for X, y in parts]
@@ -90,11 +107,18 @@ def laplace_without_accounting(parts: list, seed: int, *, scale: float = 0.01) -
         for Xs, ys in ((X, y), (np.concatenate([X, extra]), np.concatenate([y, [1]]))):
             model = build_model("mlp", X.shape[1], hidden=(16,), seed=seed)
             before = [p.detach().numpy().copy() for p in model.parameters()]
-            train_local(model, st.transform(Xs), ys, config=TrainConfig(epochs=1, batch_size=len(ys), lr=3e-3,
-                        optimizer="sgd", seed=seed, pos_weight=1.0))
-            ups.append(np.concatenate([(p.detach().numpy() - b).ravel() for p, b in zip(model.parameters(), before)]))
+            train_local(
+                model,
+                st.transform(Xs),
+                ys,
+                config=TrainConfig(epochs=1, batch_size=len(ys), lr=3e-3, optimizer="sgd", seed=seed, pos_weight=1.0),
+            )
+            after = zip(model.parameters(), before, strict=True)
+            ups.append(np.concatenate([(p.detach().numpy() - b).ravel() for p, b in after]))
         l1 = float(np.abs(ups[1] - ups[0]).sum())
-        out.append({"record_scale": factor, "update_l1_change": l1, "laplace_scale": scale, "implied_epsilon": l1 / scale})
+        out.append(
+            {"record_scale": factor, "update_l1_change": l1, "laplace_scale": scale, "implied_epsilon": l1 / scale}
+        )
     return out
 
 
@@ -128,31 +152,52 @@ def main() -> None:
             base = baseline(parts, holdout, seed)
             if seed == 0:
                 laplace[name] = laplace_without_accounting(parts, seed)
-            rows.append({"dataset": name, "seed": seed, "method": "local-only", "epsilon": None,
-                         "auprc": base["local_only_auprc_mean"]})
-            rows.append({"dataset": name, "seed": seed, "method": "centralized", "epsilon": None, **base["centralized"]})
+            rows.append(
+                {
+                    "dataset": name,
+                    "seed": seed,
+                    "method": "local-only",
+                    "epsilon": None,
+                    "auprc": base["local_only_auprc_mean"],
+                }
+            )
+            rows.append(
+                {"dataset": name, "seed": seed, "method": "centralized", "epsilon": None, **base["centralized"]}
+            )
             nonpriv = run_one(parts, holdout, InProcessConfig(mode="none", seed=seed, **NONPRIVATE))
             rows.append({"dataset": name, "seed": seed, "method": "federated", "epsilon": None, **nonpriv})
             logger.info("%s seed %d: non-private federated AUPRC %.4f", name, seed, nonpriv["auprc"])
             for eps in eps_grid:
                 if eps is None:
                     continue
-                r = run_one(parts, holdout, InProcessConfig(mode="dpsgd", target_epsilon=eps, delta=DELTA, seed=seed, **RECORD))
+                r = run_one(
+                    parts, holdout, InProcessConfig(mode="dpsgd", target_epsilon=eps, delta=DELTA, seed=seed, **RECORD)
+                )
                 rows.append({"dataset": name, "seed": seed, "method": "dpsgd", "epsilon": eps, **r})
                 logger.info("%s seed %d dpsgd eps %s: AUPRC %.4f (%.1fs)", name, seed, eps, r["auprc"], r["seconds"])
-            for n_inst in ((5,) if args.quick else (5, 50)):
+            for n_inst in (5,) if args.quick else (5, 50):
                 p_parts, p_hold = (parts, holdout) if n_inst == 5 else make_parts(name, n_inst, seed, args.quick)
                 for eps in eps_grid:
-                    cfg = InProcessConfig(mode="dpfedavg" if eps else "none", target_epsilon=eps, delta=DELTA, seed=seed,
-                                          rounds=20, hidden=(16,), update_clip=0.5)
+                    cfg = InProcessConfig(
+                        mode="dpfedavg" if eps else "none",
+                        target_epsilon=eps,
+                        delta=DELTA,
+                        seed=seed,
+                        rounds=20,
+                        hidden=(16,),
+                        update_clip=0.5,
+                    )
                     r = run_one(p_parts, p_hold, cfg)
                     rows.append({"dataset": name, "seed": seed, "method": f"dpfedavg-{n_inst}", "epsilon": eps, **r})
                     logger.info("%s seed %d dpfedavg-%d eps %s: AUPRC %.4f", name, seed, n_inst, eps, r["auprc"])
-    result = summarise(rows, datasets, quick=args.quick, seeds=seeds)
-    result["seconds"] = time.perf_counter() - t_start
-    result["laplace_without_accounting"] = laplace
-    plot(rows, datasets)
-    write_results("privacy_utility", result, markdown(result), json_path=args.json_path)
+            # Written after every dataset, so that an interrupted run still leaves what it measured.
+            done = [d for d in datasets if any(r["dataset"] == d for r in rows)]
+            result = summarise(rows, done, quick=args.quick, seeds=seed + 1)
+            result["seconds"] = time.perf_counter() - t_start
+            result["laplace_without_accounting"] = laplace
+            result["completed"] = {"datasets": done, "seeds_started": seed + 1, "of_seeds": seeds}
+            plot(rows, done)
+            write_results("privacy_utility", result, markdown(result), json_path=args.json_path)
 
 
 def _mean(rows: list[dict[str, Any]], key: str = "auprc") -> float:
@@ -162,56 +207,113 @@ def _mean(rows: list[dict[str, Any]], key: str = "auprc") -> float:
 
 def summarise(rows: list[dict[str, Any]], datasets: list[str], *, quick: bool, seeds: int) -> dict[str, Any]:
     table: list[dict[str, Any]] = []
-    keys = sorted({(r["dataset"], r["method"], r["epsilon"] if r["epsilon"] is not None else float("inf")) for r in rows},
-                  key=lambda k: (k[0], k[1], k[2]))
+    keys = sorted(
+        {(r["dataset"], r["method"], r["epsilon"] if r["epsilon"] is not None else float("inf")) for r in rows},
+        key=lambda k: (k[0], k[1], k[2]),
+    )
     for ds, method, eps in keys:
-        sel = [r for r in rows if r["dataset"] == ds and r["method"] == method
-               and (r["epsilon"] if r["epsilon"] is not None else float("inf")) == eps]
-        table.append({"dataset": ds, "method": method, "epsilon": eps, "auprc": _mean(sel), "roc_auc": _mean(sel, "roc_auc"),
-                      "mia_auc": _mean(sel, "mia_auc"), "n_seeds": len(sel)})
-    main_ds = "synthetic" if quick else "23_mammography"
+        sel = [
+            r
+            for r in rows
+            if r["dataset"] == ds
+            and r["method"] == method
+            and (r["epsilon"] if r["epsilon"] is not None else float("inf")) == eps
+        ]
+        table.append(
+            {
+                "dataset": ds,
+                "method": method,
+                "epsilon": eps,
+                "auprc": _mean(sel),
+                "roc_auc": _mean(sel, "roc_auc"),
+                "mia_auc": _mean(sel, "mia_auc"),
+                "n_seeds": len(sel),
+            }
+        )
+    main_ds = "synthetic" if quick else ("23_mammography" if "23_mammography" in datasets else datasets[0])
 
     def pick(ds: str, method: str, eps: float) -> float:
-        return next((t["auprc"] for t in table if t["dataset"] == ds and t["method"] == method and t["epsilon"] == eps), float("nan"))
+        return next(
+            (t["auprc"] for t in table if t["dataset"] == ds and t["method"] == method and t["epsilon"] == eps),
+            float("nan"),
+        )
 
     def mia(ds: str, method: str, eps: float) -> float:
-        return next((t["mia_auc"] for t in table if t["dataset"] == ds and t["method"] == method and t["epsilon"] == eps), float("nan"))
+        return next(
+            (t["mia_auc"] for t in table if t["dataset"] == ds and t["method"] == method and t["epsilon"] == eps),
+            float("nan"),
+        )
 
-    acc = next(r["privacy"]["accounting"] for r in rows if r["dataset"] == main_ds and r["method"] == "dpsgd" and r["epsilon"] == 1.0)
+    acc = next(
+        r["privacy"]["accounting"]
+        for r in rows
+        if r["dataset"] == main_ds and r["method"] == "dpsgd" and r["epsilon"] == 1.0
+    )
     summary = {
         "auprc_nonprivate": pick(main_ds, "federated", float("inf")),
         "auprc_eps1": pick(main_ds, "dpsgd", 1.0),
         "auprc_ratio_eps1": pick(main_ds, "dpsgd", 1.0) / pick(main_ds, "federated", float("inf")),
         "mia_auc_nodp": mia(main_ds, "federated", float("inf")),
         "mia_auc_eps1": mia(main_ds, "dpsgd", 1.0),
-        "accounting_check": {k: acc[k] for k in ("noise_multiplier", "sampling_rate", "steps", "delta", "epsilon_reported")},
+        "accounting_check": {
+            k: acc[k] for k in ("noise_multiplier", "sampling_rate", "steps", "delta", "epsilon_reported")
+        },
     }
-    per_dataset = {ds: {"auprc_ratio_eps1": pick(ds, "dpsgd", 1.0) / pick(ds, "federated", float("inf"))} for ds in datasets}
-    return {"benchmark": "privacy_utility", "quick": quick, "seeds": seeds, "delta": DELTA, "record_config": RECORD,
-            "environment": environment(), "summary": summary, "per_dataset": per_dataset, "table": table, "runs": rows}
+    per_dataset = {
+        ds: {"auprc_ratio_eps1": pick(ds, "dpsgd", 1.0) / pick(ds, "federated", float("inf"))} for ds in datasets
+    }
+    return {
+        "benchmark": "privacy_utility",
+        "quick": quick,
+        "seeds": seeds,
+        "delta": DELTA,
+        "record_config": RECORD,
+        "environment": environment(),
+        "summary": summary,
+        "per_dataset": per_dataset,
+        "table": table,
+        "runs": rows,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
-        "# Privacy vs. utility", "",
+        "# Privacy vs. utility",
+        "",
         f"δ = {result['delta']}, {result['seeds']} seed(s), quick = {result['quick']}, 5 IID institutions "
-        "(dpfedavg-50: 50). Holdout AUPRC; `mia_auc` = loss-threshold membership attack on institution 1's rows.", "",
+        "(dpfedavg-50: 50). Holdout AUPRC; `mia_auc` = loss-threshold membership attack on institution 1's rows.",
+        "",
         f"Summary: non-private federated AUPRC {s['auprc_nonprivate']:.4f}, DP-SGD ε=1 {s['auprc_eps1']:.4f} "
-        f"(ratio {s['auprc_ratio_eps1']:.3f}); MIA AUC {s['mia_auc_nodp']:.3f} without DP, {s['mia_auc_eps1']:.3f} at ε=1.", "",
-        "Ratio at ε = 1 per dataset: " + ", ".join(f"{k} {v['auprc_ratio_eps1']:.3f}" for k, v in result["per_dataset"].items()), "",
-        "| dataset | method | ε | AUPRC | ROC-AUC | MIA AUC | seeds |", "|---|---|---:|---:|---:|---:|---:|",
+        f"(ratio {s['auprc_ratio_eps1']:.3f}); MIA AUC {s['mia_auc_nodp']:.3f} without DP, "
+        f"{s['mia_auc_eps1']:.3f} at ε=1.",
+        "",
+        "Ratio at ε = 1 per dataset: "
+        + ", ".join(f"{k} {v['auprc_ratio_eps1']:.3f}" for k, v in result["per_dataset"].items()),
+        "",
+        "| dataset | method | ε | AUPRC | ROC-AUC | MIA AUC | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for t in result["table"]:
-        lines.append(f"| {t['dataset']} | {t['method']} | {t['epsilon']:g} | {t['auprc']:.4f} | {t['roc_auc']:.4f} | "
-                     f"{t['mia_auc']:.3f} | {t['n_seeds']} |")
-    lines += ["", "![utility vs epsilon](privacy_utility.png)", "",
-              "Laplace noise (scale 0.01) on an *unclipped* full-batch update: ε implied by one added record",
-              "whose features are scaled by k (no bound exists, so no guarantee):", "",
-              "| dataset | k | L1 change of the update | implied ε |", "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {t['dataset']} | {t['method']} | {t['epsilon']:g} | {t['auprc']:.4f} | {t['roc_auc']:.4f} | "
+            f"{t['mia_auc']:.3f} | {t['n_seeds']} |"
+        )
+    lines += [
+        "",
+        "![utility vs epsilon](privacy_utility.png)",
+        "",
+        "Laplace noise (scale 0.01) on an *unclipped* full-batch update: ε implied by one added record",
+        "whose features are scaled by k (no bound exists, so no guarantee):",
+        "",
+        "| dataset | k | L1 change of the update | implied ε |",
+        "|---|---:|---:|---:|",
+    ]
     for ds, items in result.get("laplace_without_accounting", {}).items():
         for it in items:
-            lines.append(f"| {ds} | {it['record_scale']:g} | {it['update_l1_change']:.4g} | {it['implied_epsilon']:.4g} |")
+            lines.append(
+                f"| {ds} | {it['record_scale']:g} | {it['update_l1_change']:.4g} | {it['implied_epsilon']:.4g} |"
+            )
     return "\n".join(lines)
 
 
@@ -225,11 +327,23 @@ def plot(rows: list[dict[str, Any]], datasets: list[str]) -> None:
     for ax, ds in zip(axes[0], datasets, strict=True):
         for method in sorted({r["method"] for r in rows if r["dataset"] == ds and r["epsilon"] is not None}):
             eps = sorted({r["epsilon"] for r in rows if r["dataset"] == ds and r["method"] == method and r["epsilon"]})
-            ax.plot(eps, [_mean([r for r in rows if r["dataset"] == ds and r["method"] == method and r["epsilon"] == e])
-                          for e in eps], marker="o", label=method)
+            ax.plot(
+                eps,
+                [
+                    _mean([r for r in rows if r["dataset"] == ds and r["method"] == method and r["epsilon"] == e])
+                    for e in eps
+                ],
+                marker="o",
+                label=method,
+            )
         for ref in ("federated", "centralized", "local-only"):
-            ax.axhline(_mean([r for r in rows if r["dataset"] == ds and r["method"] == ref]), ls="--", lw=1, label=ref,
-                       color={"federated": "k", "centralized": "g", "local-only": "r"}[ref])
+            ax.axhline(
+                _mean([r for r in rows if r["dataset"] == ds and r["method"] == ref]),
+                ls="--",
+                lw=1,
+                label=ref,
+                color={"federated": "k", "centralized": "g", "local-only": "r"}[ref],
+            )
         ax.set_xscale("log")
         ax.set_xlabel("ε (δ = 1e-5)")
         ax.set_ylabel("holdout AUPRC")

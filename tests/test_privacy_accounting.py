@@ -63,7 +63,9 @@ def test_calibration_never_overshoots_and_is_tight(target: float) -> None:
 def test_compose_k_equals_k_single_composes() -> None:
     ev = dpsgd_event(noise_multiplier=2.0, sampling_rate=0.1, steps=5)
     k = 4
-    assert math.isclose(epsilon_pld(dpe.SelfComposedDpEvent(ev, k), 1e-5), epsilon_pld(compose([ev] * k), 1e-5), rel_tol=1e-3)
+    assert math.isclose(
+        epsilon_pld(dpe.SelfComposedDpEvent(ev, k), 1e-5), epsilon_pld(compose([ev] * k), 1e-5), rel_tol=1e-3
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,10 @@ def test_delta_range_and_one_over_n() -> None:
 def test_unreachable_target_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="'target_epsilon'.*reachable"):
         create_mechanism(
-            "dpsgd", target_epsilon=1e-6, delta=1e-5, rounds=10,
+            "dpsgd",
+            target_epsilon=1e-6,
+            delta=1e-5,
+            rounds=10,
             params={"clip_norm": 1.0, "sampling_rate": 1.0, "steps_per_round": 1000},
         )
 

@@ -14,7 +14,7 @@ from consortium.errors import ConfigError
 from consortium.federation.config import FederationConfig
 from consortium.federation.simulation import simulate
 from consortium.privacy.accounting import epsilon_pld
-from consortium.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from consortium.privacy.ledger import PrivacyBudgetError, PrivacyLedger
 from consortium.privacy.mechanisms import DpSgdMechanism
 from consortium.registry import RunStore
 
@@ -28,9 +28,18 @@ def small_split():  # type: ignore[no-untyped-def]
 
 
 def _config(tmp_path: Path, **kw) -> FederationConfig:  # type: ignore[no-untyped-def]
-    base = FederationConfig(num_rounds=1, min_nodes=2, store_url=f"sqlite:///{tmp_path}/runs.db",
-                            secure_aggregation=False, seed=1, hidden=(8,), dp="dpsgd", target_epsilon=2.0,
-                            delta=1e-5, dp_local_steps=2)
+    base = FederationConfig(
+        num_rounds=1,
+        min_nodes=2,
+        store_url=f"sqlite:///{tmp_path}/runs.db",
+        secure_aggregation=False,
+        seed=1,
+        hidden=(8,),
+        dp="dpsgd",
+        target_epsilon=2.0,
+        delta=1e-5,
+        dp_local_steps=2,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -52,9 +61,10 @@ def test_dpsgd_run_is_charged_per_round_and_repeated_runs_continue(small_split, 
         # A second run on the same data, with a budget that only fits one more round: stops before round 2.
         spent = charges[-1].epsilon
         budget = epsilon_pld(mech.event(2), 1e-5) * 1.001  # room for exactly one more round
-        second = dataclasses.replace(cfg, budget_epsilon=budget, target_epsilon=0.0, dp_noise_multiplier=sigma,
-                                     num_rounds=2)
-        with pytest.raises(PrivacyBudgetExceeded, match=r"spent ε = .* remaining ε = "):
+        second = dataclasses.replace(
+            cfg, budget_epsilon=budget, target_epsilon=0.0, dp_noise_multiplier=sigma, num_rounds=2
+        )
+        with pytest.raises(PrivacyBudgetError, match=r"spent ε = .* remaining ε = "):
             simulate(small_split, second, work_dir=tmp_path / "w2", store=store, num_cpus=1)
         inst = small_split.names()[0]
         rounds_charged = [c for c in ledger.charges(institution=inst)]
@@ -79,8 +89,15 @@ def test_privacy_report_cli_prints_the_ledger(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/r.db"
     mech = DpSgdMechanism(noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.1, steps_per_round=5)
     with RunStore(url) as store:
-        PrivacyLedger(store).charge(run_id="runX", institution="bank_a", data_id="abc", round=1, mechanism="dpsgd",
-                                    event=mech.round_event(), delta=1e-5)
+        PrivacyLedger(store).charge(
+            run_id="runX",
+            institution="bank_a",
+            data_id="abc",
+            round=1,
+            mechanism="dpsgd",
+            event=mech.round_event(),
+            delta=1e-5,
+        )
     out = CliRunner().invoke(main, ["privacy", "report", "runX", "--store", url])
     assert out.exit_code == 0, out.output
     assert "bank_a" in out.output and "ε=" in out.output

@@ -203,7 +203,9 @@ class FederationConfig:
         if not self.dp_clip > 0:
             raise param_error("dp_clip", owner, "a float > 0 (the per-row sensitivity bound)", self.dp_clip)
         if not 0 < self.dp_sampling_rate <= 1:
-            raise param_error("dp_sampling_rate", owner, "a float in (0, 1] (Poisson sampling rate)", self.dp_sampling_rate)
+            raise param_error(
+                "dp_sampling_rate", owner, "a float in (0, 1] (Poisson sampling rate)", self.dp_sampling_rate
+            )
         if self.dp_local_steps < 1:
             raise param_error("dp_local_steps", owner, "an int >= 1", self.dp_local_steps)
         if not self.dp_lr > 0:

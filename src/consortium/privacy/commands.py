@@ -56,10 +56,18 @@ def report(run_id: str, store_url: str, as_json: bool) -> None:
 @privacy.command("audit")
 @click.argument("run_id")
 @click.option("--store", "store_url", default="sqlite:///consortium.db", show_default=True)
-@click.option("--members", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".npz (X, y) of rows the run trained on (one institution's training split).")
-@click.option("--nonmembers", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".npz (X, y) of rows it never saw (held-out split).")
+@click.option(
+    "--members",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help=".npz (X, y) of rows the run trained on (one institution's training split).",
+)
+@click.option(
+    "--nonmembers",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help=".npz (X, y) of rows it never saw (held-out split).",
+)
 def audit(run_id: str, store_url: str, members: str, nonmembers: str) -> None:
     """Membership-inference audit of RUN's kept model beside the ledger's ε."""
     import numpy as np  # noqa: PLC0415
@@ -76,8 +84,9 @@ def audit(run_id: str, store_url: str, members: str, nonmembers: str) -> None:
             charges = PrivacyLedger(store).charges(run_id=run_id)
         n = int(ck.extra["n_params"])
         arrays = ck.arrays
-        model = build_model(str(ck.extra["model"]), len(ck.extra["feature_names"]),
-                            hidden=tuple(ck.extra["hidden"]), seed=0)
+        model = build_model(
+            str(ck.extra["model"]), len(ck.extra["feature_names"]), hidden=tuple(ck.extra["hidden"]), seed=0
+        )
         set_parameters(model, arrays[:n])
         std = Standardizer(mean=arrays[n], std=arrays[n + 1])
         mem, non = load_npz(members, name="members"), load_npz(nonmembers, name="nonmembers")
@@ -91,8 +100,10 @@ def audit(run_id: str, store_url: str, members: str, nonmembers: str) -> None:
     lb = epsilon_lower_bound(-lm, -ln, delta=float(np.mean([c.delta for c in charges])) if charges else 0.0)
     eps = max((c.epsilon for c in charges), default=float("inf"))
     click.echo(f"run {run_id}: loss-threshold attack AUC {auc:.3f} on {k} members / {k} non-members")
-    click.echo(f"  empirical ε lower bound {lb['epsilon_lower']:.3f} (95 % CP; point {lb['epsilon_point']:.3f}); "
-               f"accountant ε {eps:.4f}")
+    click.echo(
+        f"  empirical ε lower bound {lb['epsilon_lower']:.3f} (95 % CP; point {lb['epsilon_point']:.3f}); "
+        f"accountant ε {eps:.4f}"
+    )
 
 
 def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -101,20 +112,48 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ``dp_settings`` holds :class:`~consortium.federation.config.FederationConfig` keyword arguments.
     """
 
-    @click.option("--dp", type=click.Choice(["none", "dpsgd"]), default="none", show_default=True,
-                  help="Differential privacy: none, or record-level DP-SGD in every institution.")
-    @click.option("--target-epsilon", type=float, default=0.0, show_default=True,
-                  help="ε for the whole run; σ is calibrated before training and printed (0 = --dp-noise-multiplier).")
+    @click.option(
+        "--dp",
+        type=click.Choice(["none", "dpsgd"]),
+        default="none",
+        show_default=True,
+        help="Differential privacy: none, or record-level DP-SGD in every institution.",
+    )
+    @click.option(
+        "--target-epsilon",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="ε for the whole run; σ is calibrated before training and printed (0 = --dp-noise-multiplier).",
+    )
     @click.option("--delta", type=float, default=0.0, show_default=True, help="δ (0 = 1/(10 n)).")
-    @click.option("--dp-noise-multiplier", type=float, default=0.0, show_default=True,
-                  help="σ when no --target-epsilon is given.")
-    @click.option("--budget-epsilon", type=float, default=0.0, show_default=True,
-                  help="Per-institution ε budget across runs on the same data (0 = none).")
+    @click.option(
+        "--dp-noise-multiplier", type=float, default=0.0, show_default=True, help="σ when no --target-epsilon is given."
+    )
+    @click.option(
+        "--budget-epsilon",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="Per-institution ε budget across runs on the same data (0 = none).",
+    )
     @wraps(fn)
-    def wrapper(*args: Any, dp: str, target_epsilon: float, delta: float, dp_noise_multiplier: float,
-                budget_epsilon: float, **kwargs: Any) -> Any:
-        settings = {"dp": dp, "target_epsilon": target_epsilon, "delta": delta,
-                    "dp_noise_multiplier": dp_noise_multiplier, "budget_epsilon": budget_epsilon}
+    def wrapper(
+        *args: Any,
+        dp: str,
+        target_epsilon: float,
+        delta: float,
+        dp_noise_multiplier: float,
+        budget_epsilon: float,
+        **kwargs: Any,
+    ) -> Any:
+        settings = {
+            "dp": dp,
+            "target_epsilon": target_epsilon,
+            "delta": delta,
+            "dp_noise_multiplier": dp_noise_multiplier,
+            "budget_epsilon": budget_epsilon,
+        }
         return fn(*args, dp_settings=settings, **kwargs)
 
     return wrapper

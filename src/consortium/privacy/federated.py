@@ -77,13 +77,24 @@ class RunPrivacy:
         logger.warning(
             "DP-SGD: noise multiplier σ = %.4f, clip C = %g, q = %g, %d steps/round x %d rounds -> ε = %.4f "
             "(RDP %.4f) at δ = %.3g per institution for this run",
-            mech.noise_multiplier, mech.clip_norm, mech.sampling_rate, mech.steps_per_round,
-            config.num_rounds, planned.epsilon, planned.epsilon_rdp, delta,
+            mech.noise_multiplier,
+            mech.clip_norm,
+            mech.sampling_rate,
+            mech.steps_per_round,
+            config.num_rounds,
+            planned.epsilon,
+            planned.epsilon_rdp,
+            delta,
         )
         return cls(
-            mechanism=mech, delta=delta, rounds=config.num_rounds, ledger=PrivacyLedger(store),
-            data_ids=dict(data_ids), budget=config.budget_epsilon or None,
-            negative_ratio=negative_clip_ratio(positive_rate), lr=config.dp_lr,
+            mechanism=mech,
+            delta=delta,
+            rounds=config.num_rounds,
+            ledger=PrivacyLedger(store),
+            data_ids=dict(data_ids),
+            budget=config.budget_epsilon or None,
+            negative_ratio=negative_clip_ratio(positive_rate),
+            lr=config.dp_lr,
         )
 
     def client_config(self) -> dict[str, int | float | str]:
@@ -99,11 +110,14 @@ class RunPrivacy:
         }
 
     def check_before_round(self, institutions: Sequence[str]) -> None:
-        """Raise :class:`PrivacyBudgetExceeded` if the next round would exceed any budget."""
+        """Raise :class:`PrivacyBudgetError` if the next round would exceed any budget."""
         for inst in institutions:
             self.ledger.check_budget(
-                institution=inst, data_id=self.data_ids.get(inst, "unknown"),
-                event=self.mechanism.round_event(), delta=self.delta, budget_epsilon=self.budget,
+                institution=inst,
+                data_id=self.data_ids.get(inst, "unknown"),
+                event=self.mechanism.round_event(),
+                delta=self.delta,
+                budget_epsilon=self.budget,
             )
 
     def charges_for(self, run_id: str, rnd: int, institutions: Sequence[str]) -> Callable[[Session], object]:
@@ -112,9 +126,16 @@ class RunPrivacy:
         def work(session: Session) -> None:
             for inst in institutions:
                 self.ledger.charge(
-                    run_id=run_id, institution=inst, data_id=self.data_ids.get(inst, "unknown"), round=rnd,
-                    mechanism=self.mechanism.name, event=self.mechanism.round_event(), delta=self.delta,
-                    budget_epsilon=self.budget, params=self.mechanism.params(), session=session,
+                    run_id=run_id,
+                    institution=inst,
+                    data_id=self.data_ids.get(inst, "unknown"),
+                    round=rnd,
+                    mechanism=self.mechanism.name,
+                    event=self.mechanism.round_event(),
+                    delta=self.delta,
+                    budget_epsilon=self.budget,
+                    params=self.mechanism.params(),
+                    session=session,
                 )
 
         return work
@@ -123,7 +144,9 @@ class RunPrivacy:
         """(ε, δ), mechanism and parameters: cumulative per institution from the ledger."""
         names = list(institutions or self.data_ids)
         per_inst = {
-            inst: self.ledger.spent(institution=inst, data_id=self.data_ids.get(inst, "unknown"), delta=self.delta).epsilon
+            inst: self.ledger.spent(
+                institution=inst, data_id=self.data_ids.get(inst, "unknown"), delta=self.delta
+            ).epsilon
             for inst in names
         }
         return {

@@ -53,7 +53,11 @@ class PrivateStatsSpec:
 
 
 def noisy_stats(
-    X: np.ndarray, y: np.ndarray, *, spec: PrivateStatsSpec, rng: np.random.Generator  # noqa: N803
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    spec: PrivateStatsSpec,
+    rng: np.random.Generator,  # noqa: N803
 ) -> np.ndarray:
     """One institution's flat ``[count, positives, sums, sums of squares]`` with its noise added.
 
