@@ -148,3 +148,24 @@ def test_adaptive_clipping_cost_is_accounted() -> None:
     adaptive = DpFedAvgMechanism(noise_multiplier=3.0, clip_norm=1.0, adaptive=True, count_noise_multiplier=5.0)
     assert epsilon_pld(adaptive.event(5), 1e-5) > epsilon_pld(fixed.event(5), 1e-5)
     assert adaptive.next_clip(0.9).clip_norm > adaptive.clip_norm  # most updates clipped: bound grows
+
+
+def test_skellam_through_the_secagg_encoding_with_dropouts() -> None:
+    """Unmasked-sum noise equals the survivors' Skellam shares; the round is charged with that variance."""
+    from consortium.secagg.quantize import QuantizationPlan, SegmentSpec
+
+    n, d, clip, sigma = 10, 4000, 1.0, 2.0
+    plan = QuantizationPlan.create([SegmentSpec("update", d, bound=clip, headroom=12 * sigma * clip)], n_participants=n)
+    scale = plan.segment("update").scale
+    mech = SkellamMechanism(noise_multiplier=sigma, clip_norm=clip, scale=scale, dimension=d, expected_participants=n)
+    rng = np.random.default_rng(0)
+    survivors = 6
+    values = [rng.uniform(-0.01, 0.01, size=d) for _ in range(survivors)]
+    total = np.zeros(d, dtype=np.uint64)
+    for v in values:
+        enc = plan.encode({"update": v.copy()}, rng=rng, noise_fn=mech.noise_fn)
+        total = (total + enc.values.astype(np.uint64)) % plan.modulus
+    noise = plan.decode(total.astype(np.uint32))["update"] - np.sum(values, axis=0)
+    expected_var = (sigma * clip) ** 2 * survivors / n
+    assert math.isclose(float(noise.var()), expected_var, rel_tol=0.1)
+    assert epsilon_pld(mech.round_event(survivors=survivors), 1e-5) > epsilon_pld(mech.round_event(), 1e-5)

@@ -304,7 +304,9 @@ class SkellamMechanism(Mechanism):
         """The secagg noise hook: this institution's Skellam share on the update segment."""
         if segment != "update":
             return None
-        share = self.total_variance() / self.expected_participants
+        # Variance in integer units of *this* encoding (``scale`` comes from the quantisation plan and
+        # must equal ``self.scale``, which the accounting uses).
+        share = (self.noise_multiplier * self.clip_norm * scale) ** 2 / self.expected_participants
         lam = share / 2.0
         return (rng.poisson(lam, size=shape) - rng.poisson(lam, size=shape)).astype(np.int64)
 
