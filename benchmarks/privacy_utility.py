@@ -146,6 +146,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--datasets", default="23_mammography,5_campaign,synthetic")
+    p.add_argument("--first-seed", type=int, default=0, help="Start at this seed (extend an earlier run).")
     p.add_argument("--from-json", default=None, help="Re-render summary, table and plot from a saved result's runs.")
     args = p.parse_args()
     if args.from_json:
@@ -157,7 +158,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     laplace: dict[str, Any] = {}
     t_start = time.perf_counter()
-    for seed in range(seeds):
+    for seed in range(args.first_seed, args.first_seed + seeds):
         for name in datasets:
             parts, holdout = make_parts(name, 5, seed, args.quick)
             base = baseline(parts, holdout, seed)
