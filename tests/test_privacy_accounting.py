@@ -63,7 +63,9 @@ def test_calibration_never_overshoots_and_is_tight(target: float) -> None:
 def test_compose_k_equals_k_single_composes() -> None:
     ev = dpsgd_event(noise_multiplier=2.0, sampling_rate=0.1, steps=5)
     k = 4
-    assert math.isclose(epsilon_pld(dpe.SelfComposedDpEvent(ev, k), 1e-5), epsilon_pld(compose([ev] * k), 1e-5), rel_tol=1e-3)
+    assert math.isclose(
+        epsilon_pld(dpe.SelfComposedDpEvent(ev, k), 1e-5), epsilon_pld(compose([ev] * k), 1e-5), rel_tol=1e-3
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,10 @@ def test_delta_range_and_one_over_n() -> None:
 def test_unreachable_target_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="'target_epsilon'.*reachable"):
         create_mechanism(
-            "dpsgd", target_epsilon=1e-6, delta=1e-5, rounds=10,
+            "dpsgd",
+            target_epsilon=1e-6,
+            delta=1e-5,
+            rounds=10,
             params={"clip_norm": 1.0, "sampling_rate": 1.0, "steps_per_round": 1000},
         )
 
@@ -143,3 +148,24 @@ def test_adaptive_clipping_cost_is_accounted() -> None:
     adaptive = DpFedAvgMechanism(noise_multiplier=3.0, clip_norm=1.0, adaptive=True, count_noise_multiplier=5.0)
     assert epsilon_pld(adaptive.event(5), 1e-5) > epsilon_pld(fixed.event(5), 1e-5)
     assert adaptive.next_clip(0.9).clip_norm > adaptive.clip_norm  # most updates clipped: bound grows
+
+
+def test_skellam_through_the_secagg_encoding_with_dropouts() -> None:
+    """Unmasked-sum noise equals the survivors' Skellam shares; the round is charged with that variance."""
+    from consortium.secagg.quantize import QuantizationPlan, SegmentSpec
+
+    n, d, clip, sigma = 10, 4000, 1.0, 2.0
+    plan = QuantizationPlan.create([SegmentSpec("update", d, bound=clip, headroom=12 * sigma * clip)], n_participants=n)
+    scale = plan.segment("update").scale
+    mech = SkellamMechanism(noise_multiplier=sigma, clip_norm=clip, scale=scale, dimension=d, expected_participants=n)
+    rng = np.random.default_rng(0)
+    survivors = 6
+    values = [rng.uniform(-0.01, 0.01, size=d) for _ in range(survivors)]
+    total = np.zeros(d, dtype=np.uint64)
+    for v in values:
+        enc = plan.encode({"update": v.copy()}, rng=rng, noise_fn=mech.noise_fn)
+        total = (total + enc.values.astype(np.uint64)) % plan.modulus
+    noise = plan.decode(total.astype(np.uint32))["update"] - np.sum(values, axis=0)
+    expected_var = (sigma * clip) ** 2 * survivors / n
+    assert math.isclose(float(noise.var()), expected_var, rel_tol=0.1)
+    assert epsilon_pld(mech.round_event(survivors=survivors), 1e-5) > epsilon_pld(mech.round_event(), 1e-5)

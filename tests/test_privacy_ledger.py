@@ -9,7 +9,7 @@ import pytest
 
 from consortium.errors import StoreError
 from consortium.privacy.accounting import epsilon_pld
-from consortium.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from consortium.privacy.ledger import PrivacyBudgetError, PrivacyLedger
 from consortium.privacy.mechanisms import DpSgdMechanism
 from consortium.registry import RoundRecord, RunStore
 
@@ -18,8 +18,15 @@ MECH = DpSgdMechanism(noise_multiplier=1.2, clip_norm=1.0, sampling_rate=0.05, s
 
 def _charge(ledger: PrivacyLedger, run: str, rnd: int, *, budget: float | None = None, inst: str = "bank_a") -> float:
     return ledger.charge(
-        run_id=run, institution=inst, data_id="fp1", round=rnd, mechanism="dpsgd",
-        event=MECH.round_event(), delta=1e-5, budget_epsilon=budget, params=MECH.params(),
+        run_id=run,
+        institution=inst,
+        data_id="fp1",
+        round=rnd,
+        mechanism="dpsgd",
+        event=MECH.round_event(),
+        delta=1e-5,
+        budget_epsilon=budget,
+        params=MECH.params(),
     ).epsilon
 
 
@@ -42,7 +49,7 @@ def test_repeated_runs_continue_from_the_ledger(run_store: RunStore) -> None:
 def test_budget_stops_before_the_round_naming_institution_spent_remaining(run_store: RunStore) -> None:
     ledger = PrivacyLedger(run_store)
     e1 = _charge(ledger, "r", 1, budget=10.0)
-    with pytest.raises(PrivacyBudgetExceeded, match=r"'bank_a'.*spent ε = .*remaining ε = "):
+    with pytest.raises(PrivacyBudgetError, match=r"'bank_a'.*spent ε = .*remaining ε = "):
         _charge(ledger, "r", 2, budget=e1 * 1.01)
     assert len(ledger.charges(run_id="r")) == 1  # nothing charged
 
@@ -62,8 +69,14 @@ def test_charge_commits_with_its_round_or_not_at_all(run_store: RunStore) -> Non
     def record(rnd: int, fail: bool) -> None:
         def also(session: object) -> None:
             ledger.charge(
-                run_id=run_id, institution="bank_a", data_id="fp1", round=rnd, mechanism="dpsgd",
-                event=MECH.round_event(), delta=1e-5, session=session,  # type: ignore[arg-type]
+                run_id=run_id,
+                institution="bank_a",
+                data_id="fp1",
+                round=rnd,
+                mechanism="dpsgd",
+                event=MECH.round_event(),
+                delta=1e-5,
+                session=session,  # type: ignore[arg-type]
             )
             if fail:
                 raise RuntimeError("crash between the charge and the commit")

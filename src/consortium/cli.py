@@ -39,6 +39,8 @@ from consortium import __version__
 from consortium.edge.vision.commands import vision
 from consortium.errors import ConsortiumError
 from consortium.federation.config import STRATEGIES, FederationConfig
+from consortium.privacy.commands import dp_options
+from consortium.privacy.commands import privacy as privacy_group
 from consortium.registry.commands import check_publish_options, publish_after_run, publish_options
 from consortium.registry.commands import registry as registry_group
 
@@ -222,10 +224,12 @@ def _demo_report(out: Any, *, as_json: bool, dashboard: dict[str, Any] | None = 
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @publish_options
 @_friendly_errors
+@dp_options
 def simulate(data_path: str, label_column: str, institutions: int, partition: str, alpha: float,
              transactions: int, rounds: int, local_epochs: int, lr: float, batch_size: int, model: str,
              trees: int, dp_epsilon: float | None, strategy: str, loss: str, secure_aggregation: bool,
-             baselines: bool, seed: int, store_url: str, out_dir: str | None, as_json: bool, **publish: Any) -> None:
+             baselines: bool, seed: int, store_url: str, out_dir: str | None, as_json: bool,
+             dp_settings: dict[str, Any], **publish: Any) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
     check_publish_options(publish)
     from consortium.federation.config import FederationConfig  # noqa: PLC0415
@@ -246,6 +250,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
         num_rounds=rounds, strategy=strategy, model=model, local_epochs=local_epochs, lr=lr,  # type: ignore[arg-type]
         batch_size=batch_size, loss=loss, min_nodes=len(split.institutions),
         secure_aggregation=secure_aggregation, store_url=store_url, run_name=f"simulate-{name}", seed=seed,
+        **dp_settings,
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(out_dir) if out_dir else Path(tmp)
@@ -373,11 +378,12 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
               "a run id, or 'latest' (newest unfinished deployed run).")
 @publish_options
 @_friendly_errors
+@dp_options
 def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None, fleet_address: str,
                 database: str | None, rounds: int,
                 min_nodes: int, strategy: str, model: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
-                timeout: float, resume: str, **publish: Any) -> None:
+                timeout: float, resume: str, dp_settings: dict[str, Any], **publish: Any) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
 
     Institutions connect with 'consortium node --coordinator ADDRESS'. The run
@@ -398,6 +404,7 @@ def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None,
         num_rounds=rounds, strategy=strategy, model=model, min_nodes=min_nodes,  # type: ignore[arg-type]
         secure_aggregation=secure_aggregation, store_url=store_abs, run_name="deployed",
         holdout_path=str(Path(holdout).resolve()) if holdout else "", resume=resume,
+        **dp_settings,
     )
     work = Path(work_dir).resolve()
     with start_coordinator(certs=cert_paths, insecure=insecure, fleet_address=fleet_address,
@@ -523,6 +530,8 @@ def runs_show(run_id: str, store_url: str) -> None:
                        f"AUPRC {g.get('auprc', float('nan')):.4f}, ROC-AUC {g.get('roc-auc', float('nan')):.4f}")
         for b in store.baselines(run_id):
             click.echo(f"  baseline {b.kind} {b.institution or ''}: AUPRC {b.metrics.get('auprc', float('nan')):.4f}")
+
+main.add_command(privacy_group)
 
 
 main.add_command(registry_group)

@@ -23,6 +23,8 @@ ModelKind = Literal["mlp", "autoencoder", "gbdt"]
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder", "gbdt")
 LOSSES: tuple[str, ...] = ("weighted_bce", "focal", "bce")
+DP_MODES: tuple[str, ...] = ("none", "dpsgd")
+"""Privacy modes of a coordinator run (``dpfedavg``/``skellam`` run in ``consortium.privacy.inprocess``)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,20 @@ class FederationConfig:
         Continue an interrupted run from its last completed round: a run id,
         or ``"latest"`` for the newest unfinished run named ``run_name``
         (``""``: start a new run).
+    dp : {"none", "dpsgd"}
+        Differential privacy: ``dpsgd`` = record-level DP-SGD in every institution
+        (see :mod:`consortium.privacy`), accounted and charged to the privacy ledger.
+    target_epsilon : float
+        With ``dp``: ε for all rounds; the noise multiplier is calibrated before
+        training (0 = use ``dp_noise_multiplier``).
+    delta : float
+        δ of the guarantee (0 = 1/(10·n) of the pooled training rows).
+    dp_noise_multiplier, dp_clip, dp_sampling_rate, dp_local_steps, dp_lr :
+        DP-SGD's σ (when no target ε), per-row clip C, Poisson rate q, noisy
+        steps per round and SGD step size.
+    budget_epsilon : float
+        Per-institution ε budget across all runs on the same data (0 = none): a
+        round that would exceed it is not started.
     """
 
     num_rounds: int = 10
@@ -141,6 +157,15 @@ class FederationConfig:
     byzantine_nodes: int = 1
     max_update_norm: float = 0.0
     resume: str = ""
+    dp: str = "none"
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 1.0
+    dp_sampling_rate: float = 0.3
+    dp_local_steps: int = 3
+    dp_lr: float = 10.0
+    budget_epsilon: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -192,6 +217,34 @@ class FederationConfig:
             )
         if not self.max_update_norm >= 0:
             raise param_error("max_update_norm", owner, "a float >= 0 (0: no bound)", self.max_update_norm)
+        self._check_privacy(owner)
+
+    def _check_privacy(self, owner: str) -> None:
+        """Bad privacy settings fail here, before any training (and say why)."""
+        if self.dp not in DP_MODES:
+            raise param_error("dp", owner, f"one of {DP_MODES}", self.dp)
+        for name in ("target_epsilon", "delta", "dp_noise_multiplier", "budget_epsilon"):
+            if not self.__getattribute__(name) >= 0:
+                raise param_error(name, owner, "a float >= 0 (0 = unset)", getattr(self, name))
+        if not self.delta < 1:
+            raise param_error("delta", owner, "a float in (0, 1) or 0 for 1/(10 n)", self.delta)
+        if self.dp == "none":
+            return
+        if self.target_epsilon == 0 and self.dp_noise_multiplier == 0:
+            raise param_error(
+                "dp_noise_multiplier", owner,
+                "> 0 when no target_epsilon is given (σ = 0 adds no noise: no guarantee)", self.dp_noise_multiplier,
+            )
+        if not self.dp_clip > 0:
+            raise param_error("dp_clip", owner, "a float > 0 (the per-row sensitivity bound)", self.dp_clip)
+        if not 0 < self.dp_sampling_rate <= 1:
+            raise param_error(
+                "dp_sampling_rate", owner, "a float in (0, 1] (Poisson sampling rate)", self.dp_sampling_rate
+            )
+        if self.dp_local_steps < 1:
+            raise param_error("dp_local_steps", owner, "an int >= 1", self.dp_local_steps)
+        if not self.dp_lr > 0:
+            raise param_error("dp_lr", owner, "a float > 0", self.dp_lr)
 
     @property
     def effective_proximal_mu(self) -> float:

@@ -52,6 +52,7 @@ from consortium.models import (
     predict_scores,
     set_parameters,
 )
+from consortium.privacy.federated import RunPrivacy
 from consortium.registry import RoundRecord, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ class Coordinator:
         if holdout is None and config.holdout_path:
             holdout = load_npz(config.holdout_path, name="holdout")
         self.holdout = holdout
+        self.data_ids: dict[str, str] = {}
+        """Institution -> fingerprint of its training data (keys of the privacy ledger)."""
 
     # -- stages -----------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class Coordinator:
             names[node] = name
             schemas[name] = schema
             disclose[name] = disclosed
+            self.data_ids[name] = _data_fingerprint(r.content, name)
         if len(names) < self.config.min_nodes:
             raise FederationError(
                 f"Only {len(names)} institution(s) answered the info query; min_nodes={self.config.min_nodes}."
@@ -271,6 +275,10 @@ class Coordinator:
             return self._continue(grid, resumed, node_ids, names, feature_names, optimizer)
         stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
         standardizer = self.initial_standardizer or stats.standardizer()
+        privacy = RunPrivacy.plan(
+            cfg, store=self.store, data_ids=self.data_ids,
+            rows_per_institution=stats.count / max(len(names), 1), positive_rate=stats.positive_rate,
+        )
         pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
         model = build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed)
         if self.initial_parameters is not None:  # continue from a given model (checked layer by layer)
@@ -288,6 +296,9 @@ class Coordinator:
             }
         )
         run_config.pop("store-url", None)
+        if privacy is not None:
+            run_config["privacy"] = {"mechanism": privacy.mechanism.name, "delta": privacy.delta,
+                                     "params": privacy.mechanism.params()}
         run_id = self.store.create_run(name=cfg.run_name, config=run_config, institutions=institutions)
         logger.info(
             "Run %s: %d institutions %s, %d features, pooled positive rate %.4f, pos_weight %.1f, transport %s",
@@ -298,6 +309,7 @@ class Coordinator:
             grid, run_id=run_id, first_round=1, node_ids=node_ids, names=names, feature_names=feature_names,
             disclose=disclose, institutions=institutions, params=params, standardizer=standardizer,
             pos_weight=pos_weight, optimizer=optimizer, reports=[], threshold=0.5, best=(-1.0, 0, params, 0.5),
+            privacy=privacy,
         )
 
     def _continue(
@@ -338,6 +350,14 @@ class Coordinator:
             optimizer.load_state_arrays(ckpt.arrays[n + 2 :])
             threshold = float(ckpt.extra["threshold"])
         pos_weight = float(run.config.get("pos-weight", 0.0))
+        privacy = None
+        if cfg.dp != "none":  # a resumed run is charged from the ledger on, never from zero
+            counts = stats if ckpt is None else self.federated_statistics(
+                grid, node_ids, names, n_features=len(feature_names))
+            privacy = RunPrivacy.plan(
+                cfg, store=self.store, data_ids=self.data_ids,
+                rows_per_institution=counts.count / max(len(names), 1), positive_rate=counts.positive_rate,
+            )
         reports: list[RoundReport] = []
         best: tuple[float, int, list[np.ndarray] | None, float] = (-1.0, 0, params, threshold)
         for rr in self.store.rounds(run.run_id):
@@ -360,7 +380,7 @@ class Coordinator:
             grid, run_id=run.run_id, first_round=last + 1, node_ids=node_ids, names=names,
             feature_names=feature_names, disclose=dict(run.config.get("disclosure", {})),
             institutions=tuple(run.institutions), params=params, standardizer=standardizer, pos_weight=pos_weight,
-            optimizer=optimizer, reports=reports, threshold=threshold, best=best,
+            optimizer=optimizer, reports=reports, threshold=threshold, best=best, privacy=privacy,
         )
 
     def _rounds(
@@ -381,6 +401,7 @@ class Coordinator:
         reports: list[RoundReport],
         threshold: float,
         best: tuple[float, int, list[np.ndarray] | None, float],
+        privacy: RunPrivacy | None = None,
     ) -> RunResult:
         """Rounds ``first_round..num_rounds`` of run ``run_id``; finish the run."""
         cfg = self.config
@@ -399,12 +420,15 @@ class Coordinator:
             "focal-gamma": cfg.focal_gamma,
             "proximal-mu": cfg.effective_proximal_mu,
             "histogram-bins": m.HISTOGRAM_BINS,
+            **(privacy.client_config() if privacy is not None else {}),
         }
         try:
             for rnd in range(first_round, cfg.num_rounds + 1):
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
                 sampled = self._sample(grid, node_ids, rnd)
+                if privacy is not None:  # stop BEFORE a round that would exceed a budget
+                    privacy.check_before_round([names[n] for n in sampled])
                 content = RecordDict(
                     {
                         m.GLOBAL_ARRAYS: ArrayRecord.from_numpy_ndarrays([p.copy() for p in params]),
@@ -468,7 +492,10 @@ class Coordinator:
                         "hidden": list(cfg.hidden),
                         "feature_names": list(feature_names),
                         "optimizer": optimizer.name,
+                        **({"privacy": {"mechanism": privacy.mechanism.name, "delta": privacy.delta,
+                                        "params": privacy.mechanism.params()}} if privacy is not None else {}),
                     },
+                    also=None if privacy is None else privacy.charges_for(run_id, rnd, [names[n] for n in sampled]),
                 )
                 for inst, met in inst_metrics.items():
                     self.store.record_institution_metrics(
@@ -511,10 +538,13 @@ class Coordinator:
             feature_names=feature_names,
             institutions=institutions,
             selected_round=selected_round,
-            extra={"disclosure": disclose, "pos_weight": pos_weight},
+            extra={"disclosure": disclose, "pos_weight": pos_weight,
+                   **({"privacy": privacy.statement(institutions)} if privacy is not None else {})},
         )
 
-    def _record_round_durably(self, run_id: str, record: RoundRecord, **checkpoint: Any) -> None:
+    def _record_round_durably(
+        self, run_id: str, record: RoundRecord, *, also: Callable[[Any], object] | None = None, **checkpoint: Any
+    ) -> None:
         """Record a round and its checkpoint (one transaction), riding out a store outage.
 
         The store itself retries briefly; if it stays unreachable, this keeps
@@ -525,14 +555,18 @@ class Coordinator:
         deadline = time.monotonic() + self.config.round_timeout
         wait = 0.5
         hooks = list(self.round_hooks)
+        extra = also  # e.g. the privacy ledger's charges for this round: same transaction as the round
 
-        def also(session: Any) -> None:
+        def together(session: Any) -> None:
+            if extra is not None:
+                extra(session)
             for hook in hooks:
                 hook(session, run_id, record.round)
 
         while True:
             try:
-                self.store.record_round(run_id, record, also=also if hooks else None, **checkpoint)
+                self.store.record_round(
+                    run_id, record, also=together if (hooks or extra is not None) else None, **checkpoint)
                 return
             except StoreError as exc:
                 try:
@@ -640,3 +674,12 @@ def _check_finite(params: Sequence[np.ndarray], rnd: int) -> None:
                 f"Round {rnd}: the new global model has non-finite values in tensor {i}; "
                 "lower lr/server_lr (or check the institutions' updates)."
             )
+
+
+def _data_fingerprint(content: RecordDict, institution: str) -> str:
+    """The node's fingerprint of its training data (the privacy ledger's key), or a per-institution fallback."""
+    try:
+        value = content[m.INFO_RECORD].get("data-fingerprint")  # type: ignore[union-attr]
+    except (KeyError, AttributeError, TypeError):
+        value = None
+    return str(value) if isinstance(value, str) and value else f"{institution}:unknown"

@@ -90,6 +90,8 @@ class ExperimentResult:
                 "institutions": list(self.run.institutions),
                 "config": {k: v for k, v in self.config.to_run_config().items() if k != "store-url"},
                 "summary": self.summary(),
+                # (ε, δ), mechanism and parameters of the released model (None: trained without DP).
+                "privacy": self.run.extra.get("privacy"),
                 "table": self.table_rows(),
                 "rounds": self.curve(),
                 "per_institution": [

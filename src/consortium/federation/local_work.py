@@ -21,6 +21,7 @@ from consortium.federation.thresholds import score_histograms, to_unit_interval
 from consortium.models import (
     Standardizer,
     TrainConfig,
+    TrainResult,
     build_model,
     evaluate_scores,
     get_parameters,
@@ -78,9 +79,12 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
         proximal_mu=float(_scalar(cfg, "proximal-mu", 0.0)),
         seed=int(_scalar(cfg, "seed", 0)) * 1000 + int(_scalar(cfg, "server-round", 0)),
     )
-    result = train_local(
-        model, X, split.train.y, config=tc, global_params=global_params if tc.proximal_mu > 0 else None
-    )
+    if str(_scalar(cfg, "dp", "none")) == "dpsgd":
+        result = _dp_sgd(model, X, split.train.y, cfg, seed=tc.seed)
+    else:
+        result = train_local(
+            model, X, split.train.y, config=tc, global_params=global_params if tc.proximal_mu > 0 else None
+        )
     delta = [(lp - gp).astype(gp.dtype) for lp, gp in zip(get_parameters(model), global_params, strict=True)]
     return RecordDict(
         {
@@ -88,6 +92,26 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
             m.METRICS: MetricRecord({m.WEIGHT: int(result.num_examples), "train-loss": float(result.mean_loss)}),
         }
     )
+
+
+def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRecord, *, seed: int) -> TrainResult:  # noqa: N803
+    """Record-level DP-SGD with the coordinator's accounted parameters (see consortium.privacy.dpsgd)."""
+    from consortium.privacy.dpsgd import dp_sgd_train  # noqa: PLC0415
+    from consortium.privacy.mechanisms import DpSgdMechanism  # noqa: PLC0415
+
+    mech = DpSgdMechanism(
+        noise_multiplier=float(_scalar(cfg, "dp-noise-multiplier")),
+        clip_norm=float(_scalar(cfg, "dp-clip")),
+        sampling_rate=float(_scalar(cfg, "dp-sampling-rate")),
+        steps_per_round=int(_scalar(cfg, "dp-local-steps")),
+    )
+    out = dp_sgd_train(
+        model, X, y, mechanism=mech, lr=float(_scalar(cfg, "dp-lr")),
+        negative_ratio=float(_scalar(cfg, "dp-negative-ratio", 1.0)), seed=seed,
+        optimizer="sgd",
+    )
+    # The unnoised training loss is not DP: it is not reported (0 stands in).
+    return TrainResult(num_examples=int(X.shape[0]), steps=out.steps, mean_loss=0.0)
 
 
 def evaluate_reply(split: InstitutionSplit, content: RecordDict, *, disclose: bool) -> RecordDict:

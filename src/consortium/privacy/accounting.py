@@ -72,11 +72,7 @@ class PrivacyEstimate:
 
 
 def _finite(value: object) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(float(value))
-    )
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(float(value))
 
 
 def check_noise_multiplier(value: object, owner: str) -> float:

@@ -75,6 +75,8 @@ class InProcessConfig:
     batch_size: int = 128
     update_clip: float = 0.5
     server_lr: float = 1.0
+    average_last: int = 0
+    """Release the mean of the last k global models (Polyak averaging; post-processing, no privacy cost)."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,7 @@ def _mean_delta(deltas: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     return [np.mean([d[i] for d in deltas], axis=0) for i in range(len(deltas[0]))]
 
 
-def train_private_federated(
-    parts: Sequence[tuple[np.ndarray, np.ndarray]], config: InProcessConfig
-) -> InProcessResult:
+def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], config: InProcessConfig) -> InProcessResult:
     """FedAvg over ``parts`` (one ``(X, y)`` per institution) with the configured privacy."""
     torch.set_num_threads(1)
     cfg = config
@@ -137,23 +137,31 @@ def train_private_federated(
         std = stats.standardizer()
         ratio = negative_clip_ratio(stats.positive_rate, power=cfg.negative_clip_power)
         base = DpSgdMechanism(
-            noise_multiplier=cfg.noise_multiplier or 1.0, clip_norm=cfg.clip_norm,
-            sampling_rate=cfg.sampling_rate, steps_per_round=cfg.local_steps,
+            noise_multiplier=cfg.noise_multiplier or 1.0,
+            clip_norm=cfg.clip_norm,
+            sampling_rate=cfg.sampling_rate,
+            steps_per_round=cfg.local_steps,
         )
         stats_event = cfg.stats.event()
         if cfg.target_epsilon is not None:
             sigma = calibrate_noise_multiplier(
                 lambda s: compose([stats_event, replace(base, noise_multiplier=s).event(cfg.rounds)]),
-                target_epsilon=cfg.target_epsilon, delta=cfg.delta, owner="train_private_federated",
+                target_epsilon=cfg.target_epsilon,
+                delta=cfg.delta,
+                owner="train_private_federated",
             )
             base = replace(base, noise_multiplier=sigma)
         mech = base
         est = estimate(compose([stats_event, base.event(cfg.rounds)]), cfg.delta)
         eps, eps_rdp = est.epsilon, est.epsilon_rdp
         accounting = {
-            "noise_multiplier": base.noise_multiplier, "sampling_rate": base.sampling_rate,
-            "steps": base.steps_per_round * cfg.rounds, "delta": cfg.delta, "epsilon_reported": eps,
-            "stats_noise_multiplier": cfg.stats.noise_multiplier, "stats_queries": 4,
+            "noise_multiplier": base.noise_multiplier,
+            "sampling_rate": base.sampling_rate,
+            "steps": base.steps_per_round * cfg.rounds,
+            "delta": cfg.delta,
+            "epsilon_reported": eps,
+            "stats_noise_multiplier": cfg.stats.noise_multiplier,
+            "stats_queries": 4,
             "negative_clip_ratio": ratio,
         }
     else:
@@ -167,10 +175,15 @@ def train_private_federated(
         est = estimate(base_f.event(cfg.rounds), cfg.delta)
         eps, eps_rdp = est.epsilon, est.epsilon_rdp
         accounting = {
-            "noise_multiplier": base_f.noise_multiplier, "sampling_rate": 1.0, "steps": cfg.rounds,
-            "delta": cfg.delta, "epsilon_reported": eps, "unit": "institution",
+            "noise_multiplier": base_f.noise_multiplier,
+            "sampling_rate": 1.0,
+            "steps": cfg.rounds,
+            "delta": cfg.delta,
+            "epsilon_reported": eps,
+            "unit": "institution",
         }
     xs = [std.transform(X) for X, _ in parts]
+    history: list[list[np.ndarray]] = []
     for rnd in range(1, cfg.rounds + 1):
         deltas: list[list[np.ndarray]] = []
         for i, (X, (_, y)) in enumerate(zip(xs, parts, strict=True)):
@@ -184,7 +197,10 @@ def train_private_federated(
                 )
             else:
                 tc = TrainConfig(
-                    epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=3e-3, seed=seed,
+                    epochs=cfg.local_epochs,
+                    batch_size=cfg.batch_size,
+                    lr=3e-3,
+                    seed=seed,
                     pos_weight=pos_weight if cfg.mode == "none" else None,
                 )
                 train_local(local, X, y, config=tc)
@@ -192,7 +208,7 @@ def train_private_federated(
         if cfg.mode == "dpfedavg":
             assert isinstance(mech, DpFedAvgMechanism)
             flat = [np.concatenate([t.ravel() for t in dl]) for dl in deltas]
-            clipped = [f * min(1.0, mech.clip_norm / max(np.linalg.norm(f), 1e-12)) for f in flat]
+            clipped = [f * min(1.0, mech.clip_norm / max(float(np.linalg.norm(f)), 1e-12)) for f in flat]
             noisy = mech.add_noise(np.sum(clipped, axis=0), rng) / len(parts)
             mean, off = [], 0
             for t in params:
@@ -201,7 +217,17 @@ def train_private_federated(
         else:
             mean = _mean_delta(deltas)
         params = [(p + cfg.server_lr * m).astype(p.dtype) for p, m in zip(params, mean, strict=True)]
+        if cfg.average_last > 0 and rnd > cfg.rounds - cfg.average_last:
+            history.append(params)
+    if history:
+        params = [np.mean([h[i] for h in history], axis=0).astype(params[i].dtype) for i in range(len(params))]
     return InProcessResult(
-        params=params, standardizer=std, mechanism=mech, epsilon=eps, epsilon_rdp=eps_rdp,
-        delta=cfg.delta, accounting=accounting, config=cfg,
+        params=params,
+        standardizer=std,
+        mechanism=mech,
+        epsilon=eps,
+        epsilon_rdp=eps_rdp,
+        delta=cfg.delta,
+        accounting=accounting,
+        config=cfg,
     )

@@ -35,12 +35,12 @@ from consortium.privacy.accounting import (
 from consortium.registry.store import RunStore
 from consortium.registry.store_schema import NAME_LENGTH, RUN_ID_LENGTH, Base, UTCDateTime
 
-__all__ = ["LedgerCharge", "PrivacyBudgetExceeded", "PrivacyLedger", "PrivacyLedgerRow"]
+__all__ = ["LedgerCharge", "PrivacyBudgetError", "PrivacyLedger", "PrivacyLedgerRow"]
 
 T = TypeVar("T")
 
 
-class PrivacyBudgetExceeded(ConsortiumError):
+class PrivacyBudgetError(ConsortiumError):
     """The next charge would take an institution past its ε budget (nothing was charged)."""
 
 
@@ -180,7 +180,7 @@ class PrivacyLedger:
 
         Raises
         ------
-        PrivacyBudgetExceeded
+        PrivacyBudgetError
             Naming the institution, the ε spent, the ε remaining and what the next
             charge would cost.
         """
@@ -192,7 +192,7 @@ class PrivacyLedger:
             budget = check_positive("budget_epsilon", budget_epsilon, owner)
             if after.epsilon > budget * (1 + 1e-9):
                 spent = estimate(_grouped(prior), delta).epsilon
-                raise PrivacyBudgetExceeded(
+                raise PrivacyBudgetError(
                     f"Privacy budget of institution '{institution}' (data {data_id}) would be exceeded: "
                     f"spent ε = {spent:.4g} of budget ε = {budget:.4g} (δ = {delta:.3g}), remaining "
                     f"ε = {max(budget - spent, 0.0):.4g}, but the next charge would bring it to "
@@ -219,13 +219,18 @@ class PrivacyLedger:
 
         Raises
         ------
-        PrivacyBudgetExceeded
+        PrivacyBudgetError
             The charge would exceed ``budget_epsilon``; nothing is written.
         StoreError
             This (run, institution, data, round, mechanism) is already charged.
         """
         owner = "PrivacyLedger.charge"
-        for name, value in (("run_id", run_id), ("institution", institution), ("data_id", data_id), ("mechanism", mechanism)):
+        for name, value in (
+            ("run_id", run_id),
+            ("institution", institution),
+            ("data_id", data_id),
+            ("mechanism", mechanism),
+        ):
             if not isinstance(value, str) or not value:
                 raise param_error(name, owner, "a non-empty string", value)
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
@@ -251,14 +256,26 @@ class PrivacyLedger:
                     "a round is charged once."
                 )
             after = self.check_budget(
-                institution=institution, data_id=data_id, event=event, delta=delta,
-                budget_epsilon=budget_epsilon, session=s,
+                institution=institution,
+                data_id=data_id,
+                event=event,
+                delta=delta,
+                budget_epsilon=budget_epsilon,
+                session=s,
             )
             row = PrivacyLedgerRow(
-                run_id=run_id, institution=institution, data_id=data_id, round=round, mechanism=mechanism,
-                event=event_json, epsilon=after.epsilon, epsilon_rdp=after.epsilon_rdp, delta=float(delta),
+                run_id=run_id,
+                institution=institution,
+                data_id=data_id,
+                round=round,
+                mechanism=mechanism,
+                event=event_json,
+                epsilon=after.epsilon,
+                epsilon_rdp=after.epsilon_rdp,
+                delta=float(delta),
                 budget_epsilon=None if budget_epsilon is None else float(budget_epsilon),
-                params=params_json, created_at=datetime.now(UTC),
+                params=params_json,
+                created_at=datetime.now(UTC),
             )
             s.add(row)
             s.flush()

@@ -123,7 +123,11 @@ class DpSgdMechanism(Mechanism):
         check_noise_multiplier(self.noise_multiplier, owner)
         check_positive("clip_norm", self.clip_norm, owner, why="the per-row sensitivity bound")
         check_sampling_rate(self.sampling_rate, owner)
-        if isinstance(self.steps_per_round, bool) or not isinstance(self.steps_per_round, int) or self.steps_per_round < 1:
+        if (
+            isinstance(self.steps_per_round, bool)
+            or not isinstance(self.steps_per_round, int)
+            or self.steps_per_round < 1
+        ):
             raise param_error("steps_per_round", owner, "an int >= 1", self.steps_per_round)
 
     def round_event(self, **observed: Any) -> dpe.DpEvent:
@@ -294,11 +298,15 @@ class SkellamMechanism(Mechanism):
         d1, d2 = self.sensitivities()
         return dpe.ZCDpEvent(rho=d2 * d2 / (2 * mu), xi=3 * d1 / (2 * mu))
 
-    def noise_fn(self, segment: str, shape: tuple[int, ...], scale: float, rng: np.random.Generator) -> np.ndarray | None:
+    def noise_fn(
+        self, segment: str, shape: tuple[int, ...], scale: float, rng: np.random.Generator
+    ) -> np.ndarray | None:
         """The secagg noise hook: this institution's Skellam share on the update segment."""
         if segment != "update":
             return None
-        share = self.total_variance() / self.expected_participants
+        # Variance in integer units of *this* encoding (``scale`` comes from the quantisation plan and
+        # must equal ``self.scale``, which the accounting uses).
+        share = (self.noise_multiplier * self.clip_norm * scale) ** 2 / self.expected_participants
         lam = share / 2.0
         return (rng.poisson(lam, size=shape) - rng.poisson(lam, size=shape)).astype(np.int64)
 

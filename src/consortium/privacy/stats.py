@@ -37,7 +37,7 @@ class PrivateStatsSpec:
     """
 
     noise_multiplier: float = 30.0
-    bound: float = 3.0
+    bound: float = 1.0
 
     def __post_init__(self) -> None:
         check_noise_multiplier(self.noise_multiplier, "PrivateStatsSpec")
@@ -53,7 +53,11 @@ class PrivateStatsSpec:
 
 
 def noisy_stats(
-    X: np.ndarray, y: np.ndarray, *, spec: PrivateStatsSpec, rng: np.random.Generator  # noqa: N803
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    spec: PrivateStatsSpec,
+    rng: np.random.Generator,  # noqa: N803
 ) -> np.ndarray:
     """One institution's flat ``[count, positives, sums, sums of squares]`` with its noise added.
 
