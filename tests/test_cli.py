@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import consortium
 from consortium.cli import main
 
 SUBCOMMANDS = [
@@ -55,12 +59,16 @@ def test_demo_json_has_summary_keys_and_everything_reached_the_dashboard(tmp_pat
     from consortium.dashboard.server import start_dashboard  # noqa: PLC0415
 
     out = tmp_path / "demo"
-    result = CliRunner().invoke(
-        main,
-        ["demo", "--json", "--out", str(out), "--institutions", "3", "--transactions", "3000",
-         "--rounds", "2", "--no-secure-aggregation"],
+    # A real process, not CliRunner: stdout and stderr are the real streams, and the demo's threads
+    # (Ray, uvicorn, MQTT) cannot outlive CliRunner's swapped streams in this test process.
+    src = str(Path(consortium.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-m", "consortium.cli", "demo", "--json", "--out", str(out), "--institutions", "3",
+         "--transactions", "3000", "--rounds", "2", "--no-secure-aggregation"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
     )
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout)  # stdout is JSON only; progress and the dashboard URL go to stderr
     summary = payload["summary"]
     for key in ("federated_auprc", "centralized_auprc", "local_only_auprc_mean"):
