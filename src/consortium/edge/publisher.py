@@ -402,13 +402,15 @@ class MqttPublisher:
         if getattr(reason, "is_failure", False):
             logger.warning("Broker %s refused the connection: %s", self.broker_url, reason)
             return
+        # Mark connected first: a set_model_version() racing with this callback then publishes its own
+        # status, and the one below already carries the newest version (a retained duplicate is harmless).
+        self._connected.set()
         client.publish(self._status_topic, self._status("online"), qos=1, retain=True)
         for topic_filter, _ in self._handlers:
             client.subscribe(topic_filter, qos=1)
         self._connection += 1
         if self._connection > 1:
             self._reconnects += 1
-        self._connected.set()
         self._queue.put(_WAKE)
         logger.info("Connected to %s", self.broker_url)
 
