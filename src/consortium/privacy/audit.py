@@ -33,6 +33,7 @@ __all__ = [
     "bce_losses",
     "epsilon_lower_bound",
     "epsilon_lower_bound_at",
+    "epsilon_lower_bound_split",
     "lira_offline_scores",
     "logit_confidence",
     "shadow_out_confidences",
@@ -208,3 +209,31 @@ def epsilon_lower_bound_at(
         "tpr": tpr,
         "fpr": fpr,
     }
+
+
+def epsilon_lower_bound_split(
+    member_scores: np.ndarray,
+    nonmember_scores: np.ndarray,
+    *,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Honest ε lower bound: pick the threshold on a random half, bound on the other half.
+
+    Returns :func:`epsilon_lower_bound_at`'s keys for the evaluation half.
+    """
+    m = np.asarray(member_scores, dtype=np.float64)
+    nm = np.asarray(nonmember_scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    sel_m, sel_n = rng.random(len(m)) < 0.5, rng.random(len(nm)) < 0.5
+    if min(sel_m.sum(), (~sel_m).sum(), sel_n.sum(), (~sel_n).sum()) == 0:
+        raise param_error(
+            "member_scores",
+            "epsilon_lower_bound_split",
+            "at least 4 members and 4 non-members",
+            f"{len(m)} and {len(nm)}",
+        )
+    chosen = epsilon_lower_bound(m[sel_m], nm[sel_n], delta=delta, confidence=confidence)
+    threshold = chosen["threshold"] if np.isfinite(chosen["threshold"]) else float(np.median(m[sel_m]))
+    return epsilon_lower_bound_at(m[~sel_m], nm[~sel_n], threshold=threshold, delta=delta, confidence=confidence)

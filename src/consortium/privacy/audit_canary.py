@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from consortium.errors import param_error
-from consortium.privacy.audit import attack_auc, epsilon_lower_bound, epsilon_lower_bound_at, logit_confidence
+from consortium.privacy.audit import attack_auc, epsilon_lower_bound_split, logit_confidence
 from consortium.privacy.inprocess import InProcessConfig, train_private_federated
 
 logger = logging.getLogger(__name__)
@@ -138,11 +138,8 @@ def canary_audit(
     new_parts[institution] = (np.concatenate([X0, cx[is_in]]), np.concatenate([y0, cy[is_in]]))
     result = train_private_federated(new_parts, config)
     score = logit_confidence(result.scores(cx), cy)
-    select = rng.random(2 * n_canaries) < 0.5
-    chosen = epsilon_lower_bound(score[is_in & select], score[~is_in & select], delta=config.delta)
-    threshold = chosen["threshold"] if np.isfinite(chosen["threshold"]) else float(np.median(score))
-    bound = epsilon_lower_bound_at(
-        score[is_in & ~select], score[~is_in & ~select], threshold=threshold, delta=config.delta, confidence=confidence
+    bound = epsilon_lower_bound_split(
+        score[is_in], score[~is_in], delta=config.delta, confidence=confidence, seed=seed + 1
     )
     out = CanaryAudit(
         n_canaries=n_canaries,
