@@ -39,11 +39,14 @@ def audit_one(parts: list, holdout: Any, cfg: InProcessConfig, *, n_shadows: int
     t0 = time.perf_counter()
     # Non-members come from institution 1's own rows (held back from its training), so that the attack
     # sees membership and not a shift between institutions (the synthetic federation is non-IID).
+    # Rows are shuffled first: the synthetic rows are in time order, and a time cut would measure drift.
     X0, y0 = parts[0]  # noqa: N806
+    order = np.random.default_rng(cfg.seed).permutation(len(y0))
     cut = int(0.7 * len(y0))
-    train_parts = [(X0[:cut], y0[:cut]), *parts[1:]]
+    keep, held = order[:cut], order[cut:]
+    train_parts = [(X0[keep], y0[keep]), *parts[1:]]
     res = train_private_federated(train_parts, cfg)
-    nonmembers = (X0[cut:], y0[cut:])
+    nonmembers = (X0[held], y0[held])
     public = (holdout.X, holdout.y)
 
     def shadow(X: np.ndarray, y: np.ndarray, seed: int):  # type: ignore[no-untyped-def]  # noqa: N803

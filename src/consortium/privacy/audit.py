@@ -234,6 +234,10 @@ def epsilon_lower_bound_split(
             "at least 4 members and 4 non-members",
             f"{len(m)} and {len(nm)}",
         )
-    chosen = epsilon_lower_bound(m[sel_m], nm[sel_n], delta=delta, confidence=confidence)
-    threshold = chosen["threshold"] if np.isfinite(chosen["threshold"]) else float(np.median(m[sel_m]))
+    # Only "score > t ⇒ member": the direction the attack claims; the best threshold on the selection half.
+    threshold, best = float(np.median(m[sel_m])), -1.0
+    for t in np.unique(np.concatenate([m[sel_m], nm[sel_n]])):
+        got = epsilon_lower_bound_at(m[sel_m], nm[sel_n], threshold=float(t), delta=delta, confidence=confidence)
+        if got["epsilon_lower"] > best:
+            threshold, best = float(t), got["epsilon_lower"]
     return epsilon_lower_bound_at(m[~sel_m], nm[~sel_n], threshold=threshold, delta=delta, confidence=confidence)

@@ -92,8 +92,8 @@ def membership_audit(
     shadows = shadow_out_confidences(train_shadow, public[0], public[1], Xt, yt, n_shadows=n_shadows, seed=seed)
     lira = lira_offline_scores(logit_confidence(np.concatenate([sm, sn]), yt), shadows)
     auc_lira = attack_auc(lira[:k], lira[k:])
-    # The empirical ε comes from the stronger attack's scores.
-    use_lira = abs(auc_lira - 0.5) >= abs(auc_loss - 0.5)
+    # The empirical ε comes from the stronger attack's scores (an AUC below 0.5 is no attack).
+    use_lira = auc_lira >= auc_loss
     member_s, non_s = (lira[:k], lira[k:]) if use_lira else (-bce_losses(sm, ym), -bce_losses(sn, yn))
     bound = epsilon_lower_bound_split(member_s, non_s, delta=delta, seed=seed)
     return MembershipAudit(
