@@ -68,13 +68,40 @@ def report(run_id: str, store_url: str, as_json: bool) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help=".npz (X, y) of rows it never saw (held-out split).",
 )
-def audit(run_id: str, store_url: str, members: str, nonmembers: str) -> None:
-    """Membership-inference audit of RUN's kept model beside the ledger's ε."""
+@click.option(
+    "--public",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help=".npz (X, y) of public/synthetic rows for LiRA's shadow models (default: half of --nonmembers).",
+)
+@click.option("--shadows", type=click.IntRange(min=2), default=4, show_default=True, help="LiRA shadow models.")
+@click.option(
+    "--shadow-epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Epochs per shadow model."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the audit as JSON.")
+def audit(
+    run_id: str,
+    store_url: str,
+    members: str,
+    nonmembers: str,
+    public: str | None,
+    shadows: int,
+    shadow_epochs: int,
+    as_json: bool,
+) -> None:
+    """Membership-inference audit of RUN's kept model (loss threshold + LiRA) beside the ledger's ε."""
     import numpy as np  # noqa: PLC0415
 
     from consortium.data import load_npz  # noqa: PLC0415
-    from consortium.models import Standardizer, build_model, predict_scores, set_parameters  # noqa: PLC0415
-    from consortium.privacy.audit import bce_losses, epsilon_lower_bound, loss_threshold_auc  # noqa: PLC0415
+    from consortium.models import (  # noqa: PLC0415
+        Standardizer,
+        TrainConfig,
+        build_model,
+        predict_scores,
+        set_parameters,
+        train_local,
+    )
+    from consortium.privacy.audit_run import membership_audit  # noqa: PLC0415
     from consortium.privacy.ledger import PrivacyLedger  # noqa: PLC0415
     from consortium.registry import RunStore  # noqa: PLC0415
 
@@ -84,25 +111,49 @@ def audit(run_id: str, store_url: str, members: str, nonmembers: str) -> None:
             charges = PrivacyLedger(store).charges(run_id=run_id)
         n = int(ck.extra["n_params"])
         arrays = ck.arrays
-        model = build_model(
-            str(ck.extra["model"]), len(ck.extra["feature_names"]), hidden=tuple(ck.extra["hidden"]), seed=0
-        )
+        kind, hidden, d = str(ck.extra["model"]), tuple(ck.extra["hidden"]), len(ck.extra["feature_names"])
+        model = build_model(kind, d, hidden=hidden, seed=0)
         set_parameters(model, arrays[:n])
         std = Standardizer(mean=arrays[n], std=arrays[n + 1])
         mem, non = load_npz(members, name="members"), load_npz(nonmembers, name="nonmembers")
+        if public is not None:
+            pub = load_npz(public, name="public")
+            pub_xy = (pub.X, pub.y)
+            non_xy = (non.X, non.y)
+        else:  # the attacker's population data: half of the non-members, the rest stay audited
+            half = non.n_rows // 2
+            pub_xy, non_xy = (non.X[:half], non.y[:half]), (non.X[half:], non.y[half:])
+        for name, ds in (("members", mem.X), ("nonmembers", non.X), ("public", pub_xy[0])):
+            if ds.shape[1] != d:
+                raise ConsortiumError(f"The {name} file has {ds.shape[1]} features; run {run_id} expects {d}.")
+        delta = float(np.mean([c.delta for c in charges])) if charges else 0.0
+
+        def score(X: np.ndarray) -> np.ndarray:  # noqa: N803
+            return predict_scores(model, std.transform(X))
+
+        def train_shadow(X: np.ndarray, y: np.ndarray, seed: int):  # type: ignore[no-untyped-def]  # noqa: N803
+            shadow = build_model(kind, d, hidden=hidden, seed=seed)
+            train_local(shadow, std.transform(X), y, config=TrainConfig(epochs=shadow_epochs, seed=seed))
+            return lambda Z: predict_scores(shadow, std.transform(Z))
+
+        result = membership_audit(
+            score, (mem.X, mem.y), non_xy, pub_xy, train_shadow=train_shadow, n_shadows=shadows, delta=delta
+        )
     except ConsortiumError as exc:
         _fail(exc)
         return
-    k = min(mem.n_rows, non.n_rows)
-    lm = bce_losses(predict_scores(model, std.transform(mem.X[:k])), mem.y[:k])
-    ln = bce_losses(predict_scores(model, std.transform(non.X[:k])), non.y[:k])
-    auc = loss_threshold_auc(lm, ln)
-    lb = epsilon_lower_bound(-lm, -ln, delta=float(np.mean([c.delta for c in charges])) if charges else 0.0)
     eps = max((c.epsilon for c in charges), default=float("inf"))
-    click.echo(f"run {run_id}: loss-threshold attack AUC {auc:.3f} on {k} members / {k} non-members")
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, **result.as_dict(), "epsilon_accountant": eps}, indent=2))
+        return
+    k = result.n_members
+    click.echo(f"run {run_id}: membership attacks on {k} members / {k} non-members ({result.n_shadows} shadows)")
+    click.echo(f"  loss-threshold attack AUC {result.auc_loss:.3f}")
+    click.echo(f"  LiRA (offline) attack AUC {result.auc_lira:.3f}")
+    verdict = "consistent" if result.epsilon_lower <= eps else "EXCEEDS the accountant: check the mechanism"
     click.echo(
-        f"  empirical ε lower bound {lb['epsilon_lower']:.3f} (95 % CP; point {lb['epsilon_point']:.3f}); "
-        f"accountant ε {eps:.4f}"
+        f"  empirical ε lower bound {result.epsilon_lower:.3f} (95 % CP, {result.attack} attack; "
+        f"point {result.epsilon_point:.3f}); accountant ε {eps:.4f} ({verdict})"
     )
 
 
