@@ -30,7 +30,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from dp_accounting import dp_event as dpe
@@ -77,9 +77,20 @@ class Mechanism(ABC):
         return {k: v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
     @classmethod
-    @abstractmethod
-    def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> Mechanism:
-        """An instance whose ``rounds`` rounds spend at most ``target_epsilon`` at ``delta``."""
+    def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> Self:
+        """An instance whose ``rounds`` rounds spend at most ``target_epsilon`` at ``delta``.
+
+        Searches the ``noise_multiplier`` field of the (dataclass) mechanism with the PLD
+        accountant; a mechanism that needs another accountant overrides this.
+        """
+        base = cls(noise_multiplier=1.0, **params)  # type: ignore[call-arg]
+        sigma = calibrate_noise_multiplier(
+            lambda s: replace(base, noise_multiplier=s).event(rounds),  # type: ignore[type-var]
+            target_epsilon=target_epsilon,
+            delta=delta,
+            owner=cls.__name__,
+        )
+        return replace(base, noise_multiplier=sigma)  # type: ignore[type-var]
 
 
 def clip_by_l2(vectors: np.ndarray, clip_norm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -136,17 +147,6 @@ class DpSgdMechanism(Mechanism):
         if self.sampling_rate < 1:
             inner = dpe.PoissonSampledDpEvent(self.sampling_rate, inner)
         return dpe.SelfComposedDpEvent(inner, steps)
-
-    @classmethod
-    def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> DpSgdMechanism:
-        base = cls(noise_multiplier=1.0, **params)
-        sigma = calibrate_noise_multiplier(
-            lambda s: replace(base, noise_multiplier=s).event(rounds),
-            target_epsilon=target_epsilon,
-            delta=delta,
-            owner=cls.__name__,
-        )
-        return replace(base, noise_multiplier=sigma)
 
 
 # -- institution level, central noise ----------------------------------------------
@@ -223,16 +223,6 @@ class DpFedAvgMechanism(Mechanism):
         new = self.clip_norm * math.exp(-self.clip_lr * (unclipped - self.target_quantile))
         return replace(self, clip_norm=float(new))
 
-    @classmethod
-    def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> DpFedAvgMechanism:
-        base = cls(noise_multiplier=1.0, **params)
-        sigma = calibrate_noise_multiplier(
-            lambda s: replace(base, noise_multiplier=s).event(rounds),
-            target_epsilon=target_epsilon,
-            delta=delta,
-            owner=cls.__name__,
-        )
-        return replace(base, noise_multiplier=sigma)
 
 
 # -- institution level, distributed integer noise -----------------------------------
@@ -311,7 +301,8 @@ class SkellamMechanism(Mechanism):
         return (rng.poisson(lam, size=shape) - rng.poisson(lam, size=shape)).astype(np.int64)
 
     @classmethod
-    def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> SkellamMechanism:
+    def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> Self:
+        """As :meth:`Mechanism.calibrated`, with the RDP accountant (PLD cannot bound Skellam here)."""
         base = cls(noise_multiplier=1.0, **params)
         from consortium.privacy.accounting import epsilon_rdp  # noqa: PLC0415
 
