@@ -4,9 +4,19 @@ In-process federated training (:mod:`consortium.privacy.inprocess`; no Ray) on
 5_campaign, 23_mammography and synthetic data, 5 IID institutions (50 for
 institution-level DP-FedAvg too), ε ∈ {0.5, 1, 2, 4, 8, ∞} at δ = 1e-5, beside
 local-only and centralized non-private models, plus a loss-threshold
-membership-inference audit of one institution's training rows.  Hyper-parameters
-are fixed in advance (chosen once, on synthetic data and the issue's reference
-settings), not tuned per ε on the benchmark's test data.
+membership-inference audit of one institution's training rows.
+
+How the DP-SGD settings were chosen (tuning spends privacy unless it is done
+elsewhere): a random search of 130 configurations at ε = 1 on synthetic data
+and on 23_mammography *tuning* splits (seeds 100-103, not the benchmark's seeds
+0-2), then the candidate with the best mean ratio over the four mammography
+tuning splits.  5_campaign took no part in the choice, so its figure is a clean
+transfer; mammography's benchmark seeds are other random splits of the same
+rows, so its figure is optimistic by whatever that choice leaked (not
+accounted).  The chosen setting is a logistic model with one DP-SGD step per
+round (FedSGD-like): with ε fixed, every extra noisy step raises σ, and on these
+data sizes fewer, larger steps win.  Statistics are clipped to a public range
+per dataset (``STATS_BOUND``: min-max [0, 1] data, signed-log amounts ≤ 16).
 Writes benchmarks/results/privacy_utility.{json,md,png}.
 """
 
@@ -35,11 +45,24 @@ from consortium.models import (
 )
 from consortium.privacy.audit import bce_losses, loss_threshold_auc
 from consortium.privacy.inprocess import InProcessConfig, train_private_federated
+from consortium.privacy.stats import PrivateStatsSpec
 
 logger = logging.getLogger("benchmarks.privacy_utility")
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, None)
 DELTA = 1e-5
-RECORD = {"rounds": 20, "hidden": (16,), "sampling_rate": 0.3, "local_steps": 3, "lr": 10.0}
+RECORD = {
+    "rounds": 20,
+    "hidden": (),
+    "sampling_rate": 0.05,
+    "local_steps": 1,
+    "clip_norm": 3.0,
+    "lr": 10.0 / 3.0,
+    "dp_optimizer": "sgd",
+    "negative_clip_power": 0.0,
+    "average_last": 5,
+}
+STATS_BOUND = {"5_campaign": 1.0, "23_mammography": 1.0, "synthetic": 16.0}
+"""Public per-feature range of the private statistics (campaign is min-max scaled; synthetic is signed log1p)."""
 NONPRIVATE = {"rounds": 30, "hidden": (16,)}
 
 
@@ -178,12 +201,24 @@ def main() -> None:
             )
             nonpriv = run_one(parts, holdout, InProcessConfig(mode="none", seed=seed, **NONPRIVATE))
             rows.append({"dataset": name, "seed": seed, "method": "federated", "epsilon": None, **nonpriv})
+            # The DP-SGD model class without DP: how much of the gap is the model, not the noise.
+            linear = run_one(parts, holdout, InProcessConfig(mode="none", seed=seed, rounds=30, hidden=()))
+            rows.append({"dataset": name, "seed": seed, "method": "federated-linear", "epsilon": None, **linear})
             logger.info("%s seed %d: non-private federated AUPRC %.4f", name, seed, nonpriv["auprc"])
             for eps in eps_grid:
                 if eps is None:
                     continue
                 r = run_one(
-                    parts, holdout, InProcessConfig(mode="dpsgd", target_epsilon=eps, delta=DELTA, seed=seed, **RECORD)
+                    parts,
+                    holdout,
+                    InProcessConfig(
+                        mode="dpsgd",
+                        target_epsilon=eps,
+                        delta=DELTA,
+                        seed=seed,
+                        stats=PrivateStatsSpec(bound=STATS_BOUND.get(name, 1.0)),
+                        **RECORD,
+                    ),
                 )
                 rows.append({"dataset": name, "seed": seed, "method": "dpsgd", "epsilon": eps, **r})
                 logger.info("%s seed %d dpsgd eps %s: AUPRC %.4f (%.1fs)", name, seed, eps, r["auprc"], r["seconds"])
