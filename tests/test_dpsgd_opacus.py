@@ -117,15 +117,18 @@ def test_class_aware_clipping_is_opacus_per_class(model: nn.Module, batch: tuple
     _, pos_sum, _ = opacus(model, x[pos], y[pos], clip=clip, expected_batch=int(pos.sum()))
     _, neg_sum, _ = opacus(model, x[neg], y[neg], clip=clip * ratio, expected_batch=int(neg.sum()))
     assert_close(summed, {k: pos_sum[k] + neg_sum[k] for k in summed})
+    # And dp_sgd_train uses that bound: its noiseless step is the per-class Opacus sum over B.
+    update = _one_sgd_step(model, x, y, sigma=1e-9, clip=clip, seed=0, negative_ratio=ratio)
+    assert_close(update, {k: (pos_sum[k] + neg_sum[k]) / ROWS for k in summed})
 
 
 def _one_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: float, clip: float,
-                  seed: int) -> dict[str, torch.Tensor]:
+                  seed: int, negative_ratio: float = 1.0) -> dict[str, torch.Tensor]:
     """``before - after`` of one dp_sgd_train step: every row sampled (q = 1), SGD with lr 1."""
     trained = copy.deepcopy(model)
     before = {k: p.detach().clone() for k, p in trained.named_parameters()}
     mechanism = DpSgdMechanism(noise_multiplier=sigma, clip_norm=clip, sampling_rate=1.0, steps_per_round=1)
-    result = dp_sgd_train(trained, x.numpy(), y.numpy(), mechanism=mechanism, lr=1.0, negative_ratio=1.0,
+    result = dp_sgd_train(trained, x.numpy(), y.numpy(), mechanism=mechanism, lr=1.0, negative_ratio=negative_ratio,
                           optimizer="sgd", seed=seed)
     assert result.steps == 1 and result.mean_batch == ROWS
     return {k: before[k] - p.detach() for k, p in trained.named_parameters()}
