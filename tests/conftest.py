@@ -11,22 +11,36 @@ shared with other test runs.  An unreachable server makes PostgreSQL tests fail
 Deselect them locally with ``-m "not postgres"``.
 ``run_store`` is a :class:`~consortium.registry.RunStore` opened on ``store_url``;
 ``postgres_url`` is the server's URL for PostgreSQL-only tests.
+
+Deployed federation
+-------------------
+``deployed_federation(...)`` writes a synthetic three-institution federation,
+its holdout and a local CA to ``tmp_path`` and returns a
+:class:`DeployedFederation` whose ``run(config)`` starts the TLS coordinator and
+one node process per institution, submits the run and stops everything: the
+setup the deployed (real-process) tests share.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
 from consortium.registry import RunStore
+
+if TYPE_CHECKING:
+    from consortium.data import FederatedSplit
+    from consortium.federation.certs import CertificatePaths
+    from consortium.federation.config import FederationConfig
+    from consortium.federation.deploy import RunOutcome
 
 POSTGRES_TEST_URL = os.environ.get(
     "CONSORTIUM_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
@@ -101,3 +115,77 @@ def run_store(store_url: StoreUrl) -> Iterator[RunStore]:
         yield store
     finally:
         store.close()
+
+
+# ------------------------------------------------------------ deployed federation
+
+
+@dataclass(frozen=True)
+class DeployedFederation:
+    """Data, certificates and run store of a deployed test federation (all under ``tmp_path``).
+
+    Build the :class:`~consortium.federation.config.FederationConfig` with
+    ``store_url`` and ``holdout_path`` from here, then call :meth:`run`.
+    """
+
+    split: FederatedSplit
+    data_root: Path
+    holdout_path: Path
+    certs: CertificatePaths
+    store_url: str
+    work_dir: Path
+
+    def run(self, config: FederationConfig, *, timeout: float = 600) -> RunOutcome:
+        """Start the TLS coordinator and one node per institution, run ``config``, stop them all.
+
+        Nodes are stopped even when the run fails, and the coordinator by its
+        context manager, so a failing test leaves no processes behind.
+        """
+        from consortium.federation.deploy import (  # noqa: PLC0415
+            FlowerProcess,
+            start_coordinator,
+            start_node,
+            submit_run,
+        )
+
+        nodes: list[FlowerProcess] = []
+        with start_coordinator(certs=self.certs, work_dir=self.work_dir / "coordinator") as coordinator:
+            coordinator.wait_ready(timeout=60)
+            try:
+                for name in self.split.names():
+                    nodes.append(start_node(fleet_address=coordinator.addresses.fleet, ca_cert=self.certs.ca_cert,
+                                            data_path=self.data_root / name, institution=name,
+                                            work_dir=self.work_dir / f"node-{name}"))
+                for node in nodes:
+                    node.wait_ready(timeout=60)  # type: ignore[attr-defined]
+                return submit_run(coordinator, run_config=config.to_run_config(), timeout=timeout)
+            finally:
+                for node in nodes:
+                    node.stop()
+
+
+@pytest.fixture
+def deployed_federation(tmp_path: Path) -> Callable[..., DeployedFederation]:
+    """Factory of :class:`DeployedFederation`.
+
+    Call it as ``(n_institutions=3, *, transactions_per_institution, seed, n_days)``.
+    """
+
+    def make(n_institutions: int = 3, *, transactions_per_institution: int, seed: int,
+             n_days: int) -> DeployedFederation:
+        from consortium.data import federate_institutions, generate_federation, save_npz, save_split  # noqa: PLC0415
+        from consortium.federation.certs import make_local_ca  # noqa: PLC0415
+
+        fed = generate_federation(n_institutions, transactions_per_institution=transactions_per_institution,
+                                  seed=seed, n_days=n_days)
+        split = federate_institutions({k: v.dataset for k, v in fed.items()}, seed=seed)
+        return DeployedFederation(
+            split=split,
+            data_root=Path(save_split(split, tmp_path / "data")),
+            holdout_path=Path(save_npz(split.holdout, tmp_path / "holdout.npz")),
+            certs=make_local_ca(tmp_path / "certs"),
+            store_url=f"sqlite:///{tmp_path / 'runs.db'}",
+            work_dir=tmp_path,
+        )
+
+    return make

@@ -145,7 +145,7 @@ def test_trigger_over_mosquitto_starts_retraining_once_k_institutions_report() -
 
 
 def test_trigger_refuses_bad_broker_urls_and_unreachable_brokers() -> None:
-    with pytest.raises(ConfigError, match="mqtt://host:port"):
+    with pytest.raises(ConfigError, match="mqtt://HOST:PORT"):
         RetrainTrigger("http://x:1", on_trigger=lambda d: None)
     with pytest.raises(ConfigError, match="cannot reach the MQTT broker"):
         RetrainTrigger("mqtt://127.0.0.1:1", on_trigger=lambda d: None).start(timeout=2)

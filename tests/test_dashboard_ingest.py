@@ -6,6 +6,7 @@ sharing the broker never see each other's messages.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from consortium.dashboard.hub import EventHub
-from consortium.dashboard.ingest import AlertIngestor, BrokerAddress, count_stored_alerts
+from consortium.dashboard.ingest import AlertIngestor, count_stored_alerts
 from consortium.dashboard.views import read_alerts, read_events, read_fleet, read_traffic
 from consortium.edge import messages as m
 from consortium.errors import ConfigError
@@ -145,10 +146,9 @@ def test_malformed_messages_are_counted_and_do_not_block(run_store: RunStore, in
 
 
 def test_broker_url_errors_name_the_problem(run_store: RunStore) -> None:
-    assert BrokerAddress.parse("mqtts://broker.example:8883") == BrokerAddress("broker.example", 8883, True)
-    assert BrokerAddress.parse("mqtt://127.0.0.1") == BrokerAddress("127.0.0.1", 1883, False)
     for bad in ("http://127.0.0.1:1883", "127.0.0.1:1883", "mqtt://host:99999"):
-        with pytest.raises(ConfigError, match="broker_url"):
+        expected = rf"'broker_url' parameter of AlertIngestor .* Got '{re.escape(bad)}' instead"
+        with pytest.raises(ConfigError, match=expected):
             AlertIngestor(run_store, bad)
     with pytest.raises(ConfigError, match="batch_size"):
         AlertIngestor(run_store, BROKER, batch_size=0)

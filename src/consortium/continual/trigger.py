@@ -23,12 +23,12 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 
 from consortium.edge.messages import DriftReport, MessageError, parse_message, subscription
 from consortium.errors import ConfigError, param_error
+from consortium.mqtt_url import parse_broker_url
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,6 @@ class DriftVotes:
         return tuple(sorted(self._latest))
 
 
-def _broker_address(url: str) -> tuple[str, int, bool]:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise param_error("broker_url", "RetrainTrigger", "of the form mqtt://host:port or mqtts://host:port", url)
-    return parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883), parsed.scheme == "mqtts"
-
-
 class RetrainTrigger:
     """Subscribe to drift reports over MQTT and call ``on_trigger`` when drift is confirmed.
 
@@ -133,7 +126,8 @@ class RetrainTrigger:
         password: str | None = None,
         client_id: str | None = None,
     ) -> None:
-        self.host, self.port, tls = _broker_address(broker_url)
+        address = parse_broker_url(broker_url, owner="RetrainTrigger")
+        self.host, self.port, tls = address.host, address.port, address.tls
         self.votes = votes or DriftVotes()
         self.on_trigger = on_trigger
         self.received = 0

@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -61,6 +60,7 @@ from consortium.edge.messages import (
     subscription,
 )
 from consortium.errors import ConfigError, ConsortiumError, param_error
+from consortium.mqtt_url import parse_broker_url
 from consortium.registry.store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -77,30 +77,6 @@ drops QoS 1 messages beyond that, so a dashboard that falls behind should hold a
 
 INVALID_WARNINGS = 20
 """Malformed messages logged as warnings one by one; after that every 1000th (the rest at debug level)."""
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the MQTT broker listens: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
-
-    host: str
-    port: int
-    tls: bool
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Parse a broker URL, raising :class:`ConfigError` that names what is wrong."""
-        owner = "the broker URL"
-        if not isinstance(url, str):
-            raise param_error("broker_url", owner, "a str like 'mqtt://127.0.0.1:1883'", url)
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise param_error("broker_url", owner, "of the form mqtt://HOST:PORT or mqtts://HOST:PORT", url)
-        try:
-            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise param_error("broker_url", owner, "a URL with a port between 1 and 65535", url) from None
-        return cls(parts.hostname, port, parts.scheme == "mqtts")
 
 
 @dataclass(frozen=True)
@@ -196,7 +172,7 @@ class AlertIngestor:
         on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         owner = "AlertIngestor"
-        self._address = BrokerAddress.parse(broker_url)
+        self._address = parse_broker_url(broker_url, owner="AlertIngestor")
         if institution is not None:
             check_name(institution, what="institution")
         for name, value in (("batch_size", batch_size), ("queue_size", queue_size)):
@@ -517,4 +493,4 @@ def count_stored_alerts(store: RunStore, *, institution: str | None = None) -> i
     return store.run_transaction(lambda s: count_alerts(s, institution=institution), action="count alerts")
 
 
-__all__ = ["AlertIngestor", "BrokerAddress", "IngestStats", "count_stored_alerts"]
+__all__ = ["AlertIngestor", "IngestStats", "count_stored_alerts"]

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from consortium.edge import messages as m
-from consortium.edge.publisher import MessageHandler, PublisherStats, parse_broker_url
+from consortium.edge.publisher import MessageHandler, PublisherStats
 from consortium.errors import ConfigError, param_error
+from consortium.mqtt_url import parse_broker_url
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ProcessPublisher:
 
     def __init__(self, broker_url: str, *, institution: str, agent: str, outbox_path: str | Path,
                  nice: int = 5, **options: Any) -> None:
-        parse_broker_url(broker_url)  # fail here, not in the child
+        parse_broker_url(broker_url, owner="ProcessPublisher")  # fail here, not in the child
         self.institution = m.check_name(institution, what="institution")
         self.agent = m.check_name(agent, what="agent")
         self._options = {"broker_url": broker_url, "institution": institution, "agent": agent,

@@ -35,13 +35,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
 from consortium.edge import messages as m
 from consortium.edge.outbox import Outbox
 from consortium.errors import param_error
+
+# BrokerAddress and parse_broker_url live in consortium.mqtt_url (shared with the dashboard,
+# the retraining trigger and the registry); re-exported here, where callers have imported them.
+from consortium.mqtt_url import BrokerAddress as BrokerAddress
+from consortium.mqtt_url import parse_broker_url as parse_broker_url
 
 logger = logging.getLogger(__name__)
 
@@ -50,28 +54,6 @@ _WAKE = object()
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with (topic, payload) for a message on a subscribed topic (in paho's network thread: be quick)."""
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the broker is, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
-
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Parse a broker URL; raise a clear :class:`~consortium.errors.ConfigError` otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise param_error("broker_url", "MqttPublisher", "of the form mqtt://HOST:PORT or mqtts://HOST:PORT", url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise param_error("broker_url", "MqttPublisher", "a URL with a numeric port", url) from None
-    tls = parts.scheme == "mqtts"
-    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
 
 
 @dataclass(frozen=True)
@@ -134,7 +116,7 @@ class MqttPublisher:
         synchronous: str = "NORMAL",
         keepalive: int = 30,
     ) -> None:
-        self.address = parse_broker_url(broker_url)
+        self.address = parse_broker_url(broker_url, owner="MqttPublisher")
         self.broker_url = broker_url
         self.institution = m.check_name(institution, what="institution")
         self.agent = m.check_name(agent, what="agent")

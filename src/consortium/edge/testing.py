@@ -171,9 +171,9 @@ class Collector:
 
         import paho.mqtt.client as mqtt  # noqa: PLC0415
 
-        from consortium.edge.publisher import parse_broker_url  # noqa: PLC0415
+        from consortium.mqtt_url import parse_broker_url  # noqa: PLC0415
 
-        address = parse_broker_url(broker_url)
+        address = parse_broker_url(broker_url, owner="Collector")
         self.messages: list[tuple[str, object]] = []
         self.raw: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()

@@ -10,47 +10,21 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
 from consortium.edge.messages import ModelAnnouncement, models_topic
 from consortium.errors import ConsortiumError, param_error
+from consortium.mqtt_url import parse_broker_url
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnnounceError", "BrokerUrl", "announce_bundle", "parse_broker_url"]
+__all__ = ["AnnounceError", "announce_bundle"]
 
 
 class AnnounceError(ConsortiumError):
     """The announcement could not be delivered to the broker."""
-
-
-@dataclass(frozen=True)
-class BrokerUrl:
-    """``mqtt://host:port`` (plain) or ``mqtts://host:port`` (TLS)."""
-
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerUrl:
-    """Parse ``mqtt://HOST[:PORT]`` / ``mqtts://HOST[:PORT]`` (default ports 1883 / 8883)."""
-    expected = "a broker URL like 'mqtt://127.0.0.1:1883' or 'mqtts://broker:8883'"
-    if not isinstance(url, str):
-        raise param_error("broker_url", "announce_bundle", expected, url)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise param_error("broker_url", "announce_bundle", expected, url) from None
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/"):
-        raise param_error("broker_url", "announce_bundle", expected, url)
-    tls = parts.scheme == "mqtts"
-    return BrokerUrl(parts.hostname, port or (8883 if tls else 1883), tls)
 
 
 def announce_bundle(
@@ -84,7 +58,7 @@ def announce_bundle(
     """
     if not isinstance(announcement, ModelAnnouncement):
         raise param_error("announcement", "announce_bundle", "a ModelAnnouncement", type(announcement).__name__)
-    address = parse_broker_url(broker_url)
+    address = parse_broker_url(broker_url, owner="announce_bundle")
     topic = models_topic(announcement.channel)
     payload = announcement.to_json()
     connected = threading.Event()

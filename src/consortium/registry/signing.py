@@ -6,8 +6,10 @@ consortium's root of trust for models, so this module enforces the key-file rule
 of the security requirements:
 
 * private keys are written with mode ``0600`` (created that way, never widened)
-  and :func:`load_private_key` refuses files that the group or others can read,
-  naming the file, its mode and the ``chmod`` that fixes it;
+  and :func:`load_private_key` refuses files that the group or others can read
+  through :func:`consortium.keyfiles.check_private_key_file`, the one check every
+  private key goes through, whose message names the file, its mode and the
+  ``chmod 600`` that fixes it;
 * nothing here logs or puts key material into an error message; keys are referred
   to by :func:`key_fingerprint`, a short hash of the public key.
 
@@ -27,7 +29,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from consortium.errors import ConsortiumError, param_error
+from consortium.errors import ConfigError, ConsortiumError, param_error
+from consortium.keyfiles import check_private_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -175,18 +178,12 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
         message gives its mode and the fix, ``chmod 600``), not PEM, or not an
         Ed25519 key.  The message never contains key material.
     """
-    key_path = Path(path)
     try:
-        mode = stat.S_IMODE(key_path.stat().st_mode)
-    except FileNotFoundError:
-        raise SigningKeyError(f"The signing key file {str(key_path)!r} does not exist.") from None
-    except OSError as exc:
-        raise SigningKeyError(f"Cannot read the signing key file {str(key_path)!r}: {exc.strerror}.") from exc
-    if mode & 0o077:
-        raise SigningKeyError(
-            f"The signing key file {str(key_path)!r} must have permissions 0600 (owner only). "
-            f"Got {mode:04o} instead; run: chmod 600 {key_path}"
-        )
+        key_path = check_private_key_file(path, what="signing key")
+    except ConfigError as exc:
+        # Same rule and message as every other private key consortium reads; the
+        # registry and CLI callers handle SigningKeyError, so keep that type.
+        raise SigningKeyError(str(exc)) from None
     data = _read_key_file(key_path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
