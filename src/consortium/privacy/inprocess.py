@@ -10,6 +10,12 @@ two cores.  Three modes:
     Record-level: private statistics (:mod:`consortium.privacy.stats`) and
     DP-SGD in every institution with class-aware clipping; σ is calibrated so that
     statistics + all rounds compose to at most the target ε for every institution.
+``dpsgd-secagg``
+    Record-level with the noise split across institutions under secure
+    aggregation (:mod:`consortium.privacy.distributed_dpsgd`): one global model,
+    each step one secure round of the institutions' noisy clipped gradient sums.
+    Same private statistics; σ calibrated like ``dpsgd``, and the result also states
+    ε against a coordinator colluding with one institution.
 ``dpfedavg``
     Institution-level: local non-private training, each update clipped to C,
     Gaussian noise σ·C on the sum (central noise; under secure aggregation the
@@ -41,14 +47,15 @@ from consortium.models import (
     train_local,
 )
 from consortium.privacy.accounting import calibrate_noise_multiplier, compose, estimate
-from consortium.privacy.dpsgd import dp_sgd_train, negative_clip_ratio
-from consortium.privacy.mechanisms import DpFedAvgMechanism, DpSgdMechanism, Mechanism
+from consortium.privacy.distributed_dpsgd import apply_noisy_sum, institution_share
+from consortium.privacy.dpsgd import dp_sgd_train, negative_clip_ratio, per_row_gradients
+from consortium.privacy.mechanisms import DistributedDpSgdMechanism, DpFedAvgMechanism, DpSgdMechanism, Mechanism
 from consortium.privacy.stats import PrivateStatsSpec, combine_noisy, noisy_stats
 
 logger = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's RDP order warnings
 
-Mode = Literal["none", "dpsgd", "dpfedavg"]
+Mode = Literal["none", "dpsgd", "dpsgd-secagg", "dpfedavg"]
 
 
 @dataclass(frozen=True)
@@ -132,15 +139,20 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
         std = stats.standardizer()
         pos_weight = balanced_pos_weight(stats.positive_rate)
         eps = eps_rdp = math.inf
-    elif cfg.mode == "dpsgd":
+    elif cfg.mode in ("dpsgd", "dpsgd-secagg"):
         stats = combine_noisy([noisy_stats(X, y, spec=cfg.stats, rng=rng) for X, y in parts])
         std = stats.standardizer()
         ratio = negative_clip_ratio(stats.positive_rate, power=cfg.negative_clip_power)
-        base = DpSgdMechanism(
-            noise_multiplier=cfg.noise_multiplier or 1.0,
-            clip_norm=cfg.clip_norm,
-            sampling_rate=cfg.sampling_rate,
-            steps_per_round=cfg.local_steps,
+        record_params = {
+            "noise_multiplier": cfg.noise_multiplier or 1.0,
+            "clip_norm": cfg.clip_norm,
+            "sampling_rate": cfg.sampling_rate,
+            "steps_per_round": cfg.local_steps,
+        }
+        base: DpSgdMechanism = (
+            DpSgdMechanism(**record_params)  # type: ignore[arg-type]
+            if cfg.mode == "dpsgd"
+            else DistributedDpSgdMechanism(**record_params, participants=len(parts))  # type: ignore[arg-type]
         )
         stats_event = cfg.stats.event()
         if cfg.target_epsilon is not None:
@@ -164,6 +176,12 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
             "stats_queries": 4,
             "negative_clip_ratio": ratio,
         }
+        if isinstance(base, DistributedDpSgdMechanism):
+            accounting["participants"] = base.participants
+            if base.participants > 1:
+                accounting["epsilon_if_one_colludes"] = estimate(
+                    compose([stats_event, base.collusion_event(cfg.rounds, colluders=1)]), cfg.delta
+                ).epsilon
     else:
         std = Standardizer(mean=np.zeros(d), std=np.ones(d))
         base_f = DpFedAvgMechanism(noise_multiplier=cfg.noise_multiplier or 1.0, clip_norm=cfg.update_clip)
@@ -183,6 +201,18 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
             "unit": "institution",
         }
     xs = [std.transform(X) for X, _ in parts]
+    if isinstance(mech, DistributedDpSgdMechanism):
+        params = _train_distributed(model, xs, [y for _, y in parts], mech, cfg, ratio, stats.count)
+        return InProcessResult(
+            params=params,
+            standardizer=std,
+            mechanism=mech,
+            epsilon=eps,
+            epsilon_rdp=eps_rdp,
+            delta=cfg.delta,
+            accounting=accounting,
+            config=cfg,
+        )
     history: list[list[np.ndarray]] = []
     for rnd in range(1, cfg.rounds + 1):
         deltas: list[list[np.ndarray]] = []
@@ -231,3 +261,44 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
         accounting=accounting,
         config=cfg,
     )
+
+
+def _train_distributed(
+    model: torch.nn.Module,
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    mech: DistributedDpSgdMechanism,
+    cfg: InProcessConfig,
+    negative_ratio: float,
+    total_rows: float,
+) -> list[np.ndarray]:
+    """One global model; every step each institution's noisy share, summed (SecAgg), one optimiser step."""
+    data = [
+        (torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)), torch.as_tensor(np.asarray(y, dtype=np.float32)))
+        for X, y in zip(xs, ys, strict=True)
+    ]
+    gens = [torch.Generator().manual_seed(cfg.seed * 100_000 + 7_919 * (i + 1)) for i in range(len(data))]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        torch.optim.Adam(trainable, lr=cfg.lr) if cfg.dp_optimizer == "adam" else torch.optim.SGD(trainable, lr=cfg.lr)
+    )
+    fn = per_row_gradients(model)
+    expected_batch = max(mech.sampling_rate * total_rows, 1.0)
+    history: list[list[np.ndarray]] = []
+    model.eval()
+    for rnd in range(1, cfg.rounds + 1):
+        for _ in range(mech.steps_per_round):
+            shares = [
+                institution_share(
+                    model, X, y, mechanism=mech, negative_ratio=negative_ratio, generator=g, per_row_grad=fn
+                )
+                for (X, y), g in zip(data, gens, strict=True)
+            ]
+            summed = [torch.stack(parts).sum(0) for parts in zip(*shares, strict=True)]
+            apply_noisy_sum(opt, trainable, summed, expected_batch=expected_batch)
+        if cfg.average_last > 0 and rnd > cfg.rounds - cfg.average_last:
+            history.append(get_parameters(model))
+    params = get_parameters(model)
+    if history:
+        params = [np.mean([h[i] for h in history], axis=0).astype(params[i].dtype) for i in range(len(params))]
+    return params

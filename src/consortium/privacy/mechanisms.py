@@ -11,6 +11,14 @@ Mechanisms
 ``dpsgd``
     Record-level DP-SGD: Poisson-sampled rows, per-row clipping, Gaussian noise
     (Abadi et al. 2016).  One round is ``steps_per_round`` sampled Gaussian steps.
+``dpsgd-secagg``
+    Record-level DP-SGD with the noise *split* across institutions under secure
+    aggregation: each step, every institution adds ``1/k`` of the noise variance to
+    its clipped gradient sum before masking, so the released sum is exactly a
+    central DP-SGD step over the union of the institutions' rows (Kairouz et al.
+    2021's distributed DP).  It trusts the aggregation: a coordinator colluding
+    with ``m`` institutions can remove their shares (:meth:`DistributedDpSgdMechanism.round_event`
+    with ``colluders=m`` gives that ε), and dropouts leave less noise, charged as such.
 ``dpfedavg``
     Institution-level DP-FedAvg with central Gaussian noise on the sum of clipped
     updates (McMahan et al. 2018), optional adaptive clipping (Andrew et al. 2021)
@@ -45,6 +53,7 @@ from consortium.privacy.accounting import (
 
 __all__ = [
     "DpFedAvgMechanism",
+    "DistributedDpSgdMechanism",
     "DpSgdMechanism",
     "Mechanism",
     "SkellamMechanism",
@@ -147,6 +156,76 @@ class DpSgdMechanism(Mechanism):
         if self.sampling_rate < 1:
             inner = dpe.PoissonSampledDpEvent(self.sampling_rate, inner)
         return dpe.SelfComposedDpEvent(inner, steps)
+
+
+@dataclass(frozen=True)
+class DistributedDpSgdMechanism(DpSgdMechanism):
+    """Record-level DP-SGD whose noise the institutions add in shares under secure aggregation.
+
+    Every step, each of the ``participants`` institutions Poisson-samples its rows
+    with rate ``sampling_rate``, clips each row's gradient to ``clip_norm``, sums
+    them and adds Gaussian noise of std ``noise_multiplier * clip_norm /
+    sqrt(participants)`` (:meth:`share_std`) before masking.  Secure aggregation
+    releases only the sum, which then carries std ``noise_multiplier * clip_norm``
+    on the clipped sum over a Poisson sample of the *union* of rows: the event is
+    the central ``PoissonSampled(q, Gaussian(σ))`` per step, with a noise-to-data
+    ratio ``sqrt(k)`` times better than each institution protecting itself
+    (:class:`DpSgdMechanism`).
+
+    The price is trust, stated by :meth:`round_event`'s arguments:
+
+    * ``survivors=s``: only ``s`` of ``k`` shares arrived (dropouts), so the sum
+      carries ``σ·sqrt(s/k)``; the round is charged with that, never with σ.
+    * ``colluders=m``: a coordinator that colludes with ``m`` institutions can
+      subtract their shares; ε against that coalition uses ``σ·sqrt((s-m)/k)``.
+
+    Attributes
+    ----------
+    participants : int
+        k, the institutions whose shares make up the full noise.
+    """
+
+    participants: int = 1
+
+    name: ClassVar[str] = "dpsgd-secagg"
+    unit: ClassVar[str] = "record"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.participants, bool) or not isinstance(self.participants, int) or self.participants < 1:
+            raise param_error("participants", type(self).__name__, "an int >= 1", self.participants)
+
+    def share_std(self) -> float:
+        """Std of the Gaussian noise one institution adds to its clipped sum per step."""
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.participants)
+
+    def effective_noise_multiplier(self, *, survivors: int | None = None, colluders: int = 0) -> float:
+        """σ of the released sum with ``survivors`` shares, against ``colluders`` who know theirs."""
+        s = self.participants if survivors is None else int(survivors)
+        owner = f"{type(self).__name__}.round_event"
+        if not 0 < s <= self.participants:
+            raise param_error("survivors", owner, f"an int in [1, {self.participants}]", survivors)
+        if not 0 <= colluders < s:
+            raise param_error(
+                "colluders", owner, f"an int in [0, {s - 1}] (at least one share must stay secret)", colluders
+            )
+        return self.noise_multiplier * math.sqrt((s - colluders) / self.participants)
+
+    def round_event(self, **observed: Any) -> dpe.DpEvent:
+        sigma = self.effective_noise_multiplier(
+            survivors=observed.get("survivors"), colluders=int(observed.get("colluders", 0))
+        )
+        central = DpSgdMechanism(
+            noise_multiplier=sigma,
+            clip_norm=self.clip_norm,
+            sampling_rate=self.sampling_rate,
+            steps_per_round=self.steps_per_round,
+        )
+        return central.round_event(steps=observed.get("steps", self.steps_per_round))
+
+    def collusion_event(self, rounds: int, *, colluders: int) -> dpe.DpEvent:
+        """``rounds`` full rounds as seen by a coordinator colluding with ``colluders`` institutions."""
+        return dpe.SelfComposedDpEvent(self.round_event(colluders=colluders), rounds)
 
 
 # -- institution level, central noise ----------------------------------------------
@@ -322,6 +401,7 @@ class SkellamMechanism(Mechanism):
 
 _BUILTIN: dict[str, type[Mechanism]] = {
     "dpsgd": DpSgdMechanism,
+    "dpsgd-secagg": DistributedDpSgdMechanism,
     "dpfedavg": DpFedAvgMechanism,
     "skellam": SkellamMechanism,
 }

@@ -1,0 +1,101 @@
+"""Record-level DP-SGD with its noise split across institutions under secure aggregation.
+
+Each institution protecting itself (:func:`consortium.privacy.dpsgd.dp_sgd_train`)
+must add the full noise σ·C to a gradient of *its own* rows; averaging k such
+models leaves noise std σ·C/(q·n·sqrt(k)) per row-normalised step.  Under secure
+aggregation the coordinator sees only the sum of the institutions' contributions,
+so each one can add a ``1/k`` share of the variance instead
+(:class:`~consortium.privacy.mechanisms.DistributedDpSgdMechanism`): the sum is a
+central DP-SGD step over the union of rows with noise σ·C/(q·k·n), sqrt(k) times
+less.  One step is one secure round:
+
+1. :func:`institution_share` — inside each institution: Poisson-sample rows with
+   rate q, per-row gradients at the current global model, clip each to its
+   class-aware bound (≤ C, see :mod:`consortium.privacy.dpsgd`), sum, add Gaussian
+   noise of std :meth:`~consortium.privacy.mechanisms.DistributedDpSgdMechanism.share_std`.
+2. Secure aggregation sums the shares (here: a plain sum, what SecAgg computes up
+   to its quantisation; the coordinator never holds a share).
+3. :func:`apply_noisy_sum` — on the global model: divide by the expected pooled
+   batch ``q · N`` (N from the private statistics: post-processing) and take an
+   optimiser step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from consortium.errors import param_error
+from consortium.privacy.dpsgd import PerRowGradients, clip_and_sum, per_row_gradients
+from consortium.privacy.mechanisms import DistributedDpSgdMechanism
+
+__all__ = ["apply_noisy_sum", "institution_share"]
+
+
+def institution_share(
+    model: nn.Module,
+    X: torch.Tensor,  # noqa: N803
+    y: torch.Tensor,
+    *,
+    mechanism: DistributedDpSgdMechanism,
+    negative_ratio: float,
+    generator: torch.Generator,
+    per_row_grad: PerRowGradients | None = None,
+) -> list[torch.Tensor]:
+    """One institution's noisy clipped gradient sum for one step (what it masks and sends).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The current global model (read only; eval mode so rows are independent).
+    X, y : Tensor
+        The institution's standardised rows and 0/1 labels.
+    mechanism : DistributedDpSgdMechanism
+        q, C and the share of σ.
+    negative_ratio : float
+        Negatives are clipped to ``C * negative_ratio`` (in (0, 1]).
+    generator : torch.Generator
+        The institution's own source of sampling and noise.
+    per_row_grad : callable, optional
+        Cached :func:`per_row_gradients` of ``model``.
+
+    Returns
+    -------
+    list of Tensor
+        One tensor per trainable parameter, in ``model.named_parameters()`` order.
+    """
+    if not 0 < negative_ratio <= 1:
+        raise param_error("negative_ratio", "institution_share", "a float in (0, 1]", negative_ratio)
+    fn = per_row_grad or per_row_gradients(model)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    clip = mechanism.clip_norm
+    idx = torch.nonzero(torch.rand(X.shape[0], generator=generator) < mechanism.sampling_rate).squeeze(1)
+    if idx.numel() > 0:
+        ys = y[idx]
+        bound = torch.where(ys > 0.5, torch.tensor(clip), torch.tensor(clip * negative_ratio))
+        summed, _ = clip_and_sum(fn(params, X[idx], ys), bound)
+        out = [summed[k] for k in names]
+    else:
+        out = [torch.zeros_like(params[k]) for k in names]
+    std = mechanism.share_std()
+    return [s + torch.normal(0.0, std, size=s.shape, generator=generator) for s in out]
+
+
+def apply_noisy_sum(
+    optimizer: torch.optim.Optimizer,
+    trainable: Sequence[torch.Tensor],
+    noisy_sum: Sequence[torch.Tensor],
+    *,
+    expected_batch: float,
+) -> None:
+    """Step the global model with the securely summed shares, normalised by ``q · N``."""
+    if not np.isfinite(expected_batch) or expected_batch <= 0:
+        raise param_error("expected_batch", "apply_noisy_sum", "a finite float > 0", expected_batch)
+    optimizer.zero_grad(set_to_none=True)
+    for p, s in zip(trainable, noisy_sum, strict=True):
+        p.grad = (s / expected_batch).to(p.dtype)
+    optimizer.step()
