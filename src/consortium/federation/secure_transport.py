@@ -37,6 +37,7 @@ def update_config(config: FederationConfig, bounds: UpdateBounds | None = None) 
             metric_bounds=dict(bounds.metric_bounds),
             noise_headroom=bounds.noise_headroom,
             stage_timeout=config.round_timeout,
+            **({"modulus_bits": bounds.modulus_bits} if bounds.modulus_bits is not None else {}),
         )
     return SecAggConfig(
         clip_norm=config.clip_norm,

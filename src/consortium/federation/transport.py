@@ -45,12 +45,16 @@ class UpdateBounds:
         Room (value units) reserved in the secure-aggregation encoding for distributed noise.
     metric_bounds : Mapping[str, float]
         The only training metrics summed (the privacy layer's own, e.g. the noisy clipped count).
+    modulus_bits : int, optional
+        Bits of the secure-aggregation encoding (default the maximum); the privacy
+        layer lowers it to keep the integer noise in the range its sampler is exact.
     """
 
     clip_norm: float
     weight_cap: float = 1.0
     noise_headroom: float = 0.0
     metric_bounds: Mapping[str, float] = field(default_factory=dict)
+    modulus_bits: int | None = None
 
 
 class Transport(ABC):

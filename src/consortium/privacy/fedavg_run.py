@@ -52,6 +52,7 @@ from consortium.privacy.federated import RoundPlan
 from consortium.privacy.ledger import PrivacyLedger
 from consortium.privacy.mechanisms import DpFedAvgMechanism, SkellamMechanism
 from consortium.registry import RunStore
+from consortium.secagg.primitives import MAX_MODULUS_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ HEADROOM_SIGMAS = 10.0
 """Encoding room for distributed noise, in per-institution noise standard deviations (clipping ~1e-23)."""
 COUNT_SENSITIVITY = 0.5
 """One institution moves the sum of centred bits by 1/2."""
+SHARE_LAMBDA_TARGET = 1e12
+"""Largest Poisson λ of a Skellam share the encoding is sized for (numpy is exact to 1e13, see
+:data:`~consortium.privacy.mechanisms.POISSON_LAMBDA_MAX`); a share std of ~1e6 integer steps is ample."""
+MIN_MODULUS_BITS = 16
 NOISE_NORM_SIGMAS = 8.0
 """Slack of the secure sum's norm check: noise norm <= std·(sqrt(d) + 8) except with probability ~1e-14."""
 
@@ -73,6 +78,8 @@ class RoundNoise:
     central: DpFedAvgMechanism
     update: SkellamMechanism | None = None
     count: SkellamMechanism | None = None
+    bounds: UpdateBounds | None = None
+    """The update bounds (and encoding bits) the Skellam scales were computed for."""
 
     def event(self, survivors: int | None = None) -> dpe.DpEvent:
         """This round's DpEvent; under secure aggregation with ``survivors`` institutions in the sum."""
@@ -88,7 +95,8 @@ class RoundNoise:
         out: dict[str, Any] = {**self.central.params(), "invited": self.invited}
         if self.update is not None:
             out.update({"noise": "skellam", "scale": self.update.scale, "dimension": self.update.dimension,
-                        "survivors": self.invited if survivors is None else survivors})
+                        "survivors": self.invited if survivors is None else survivors,
+                        "modulus_bits": self.bounds.modulus_bits if self.bounds is not None else None})
             if self.count is not None:
                 out["count_scale"] = self.count.scale
         else:
@@ -178,7 +186,9 @@ class FedAvgRunPrivacy:
         k = max(self.config.min_nodes, int(round(self.config.fraction_train * n_institutions)))
         return max(1, min(k, n_institutions))
 
-    def bounds(self, invited: int, mechanism: DpFedAvgMechanism | None = None) -> UpdateBounds:
+    def bounds(
+        self, invited: int, mechanism: DpFedAvgMechanism | None = None, modulus_bits: int | None = None
+    ) -> UpdateBounds:
         """What each institution's contribution is bounded by (and the encoding room for its noise)."""
         mech = mechanism or self.mechanism
         if not self.secure:
@@ -192,6 +202,7 @@ class FedAvgRunPrivacy:
             weight_cap=1.0,
             noise_headroom=HEADROOM_SIGMAS * mech.noise_std() / root,
             metric_bounds=metric_bounds,
+            modulus_bits=modulus_bits,
         )
 
     def setup(self, invited: int, *, mechanism: DpFedAvgMechanism | None = None) -> RoundNoise:
@@ -199,11 +210,23 @@ class FedAvgRunPrivacy:
         mech = mechanism or self.mechanism
         if not self.secure:
             return RoundNoise(invited=invited, central=mech)
+        noise = self._skellam(invited, mech, MAX_MODULUS_BITS)
+        # The largest encoding whose shares stay where the Poisson sampler is exact (fewer bits: smaller scale).
+        bits = MAX_MODULUS_BITS
+        while bits > MIN_MODULUS_BITS and max(
+            m.share_lambda() for m in (noise.update, noise.count) if m is not None
+        ) > SHARE_LAMBDA_TARGET:
+            bits -= 1
+            noise = self._skellam(invited, mech, bits)
+        return noise
+
+    def _skellam(self, invited: int, mech: DpFedAvgMechanism, bits: int) -> RoundNoise:
         from consortium.federation.secure_transport import update_config  # noqa: PLC0415
         from consortium.secagg.contribution import ContributionSpec  # noqa: PLC0415
         from consortium.secagg.quantize import QuantizationPlan  # noqa: PLC0415
 
-        secagg = update_config(self.config, self.bounds(invited, mech))
+        bounds = self.bounds(invited, mech, modulus_bits=bits)
+        secagg = update_config(self.config, bounds)
         spec = ContributionSpec.create(secagg, [np.empty(s) for s in self.tensor_sizes])
         qplan = QuantizationPlan.create(spec.segments(), n_participants=invited, modulus_bits=secagg.modulus_bits)
         update = SkellamMechanism(
@@ -216,7 +239,7 @@ class FedAvgRunPrivacy:
                 noise_multiplier=mech.count_noise_multiplier / COUNT_SENSITIVITY, clip_norm=COUNT_SENSITIVITY,
                 scale=qplan.segment(COUNT_SEGMENT).scale, dimension=1, expected_participants=invited,
             )
-        return RoundNoise(invited=invited, central=mech, update=update, count=count)
+        return RoundNoise(invited=invited, central=mech, update=update, count=count, bounds=bounds)
 
     # -- the coordinator's calls ---------------------------------------------------
 
@@ -247,7 +270,7 @@ class FedAvgRunPrivacy:
         }
         if noise.update is not None:
             config.update(noise_config(noise.update, noise.count))
-        return RoundPlan(config=config, bounds=self.bounds(len(institutions)))
+        return RoundPlan(config=config, bounds=noise.bounds or self.bounds(len(institutions)))
 
     def _round(self) -> RoundNoise:
         if self.current is None:
