@@ -228,7 +228,9 @@ class DpFedAvgMechanism(Mechanism):
 # -- institution level, distributed integer noise -----------------------------------
 
 POISSON_LAMBDA_MAX = 1e13
-"""Largest λ for which numpy's Poisson draws were checked to have variance λ (within 0.1 %)."""
+"""Largest λ of one numpy Poisson draw; its variance was checked to be λ within 0.1 % up to here."""
+MAX_POISSON_CHUNKS = 64
+"""Most Poisson(λ/m) chunks one share is drawn from (beyond this, the encoding's scale is too large)."""
 
 
 @dataclass(frozen=True)
@@ -301,24 +303,33 @@ class SkellamMechanism(Mechanism):
     ) -> np.ndarray | None:
         """The secagg noise hook: this institution's Skellam share on the update segment.
 
+        numpy's Poisson sampler loses its variance for large λ (+0.8 % at 1e14, +40 % at 1e16),
+        so a share with λ above :data:`POISSON_LAMBDA_MAX` is drawn exactly as a sum of
+        Poisson(λ/m) chunks of at most that size (sums of independent Poissons are Poisson).
+
         Raises
         ------
         ConfigError
-            λ above :data:`POISSON_LAMBDA_MAX`, where numpy's Poisson sampler no longer has
-            variance λ (it is off by 8 % at 1e14 and 40 % at 1e16): the noise would not be the
-            accounted Skellam. Encode with fewer modulus bits (a smaller scale).
+            More than :data:`MAX_POISSON_CHUNKS` chunks would be needed: encode with fewer
+            modulus bits (a smaller scale) instead.
         """
         if segment != "update":
             return None
         # Variance in integer units of *this* encoding (``scale`` comes from the quantisation plan and
         # must equal ``self.scale``, which the accounting uses).
         lam = self.share_lambda(scale)
-        if lam > POISSON_LAMBDA_MAX:
+        chunks = max(1, math.ceil(lam / POISSON_LAMBDA_MAX))
+        if chunks > MAX_POISSON_CHUNKS:
             raise ConfigError(
-                f"Skellam share λ = {lam:.3g} exceeds {POISSON_LAMBDA_MAX:.0e}, beyond which numpy's Poisson "
-                "sampler is not exact; use fewer modulus bits for this encoding (a smaller scale)."
+                f"Skellam share λ = {lam:.3g} needs {chunks} Poisson draws of at most {POISSON_LAMBDA_MAX:.0e} per "
+                f"value (numpy's sampler is not exact above that); use fewer modulus bits for this encoding "
+                "(a smaller scale)."
             )
-        return (rng.poisson(lam, size=shape) - rng.poisson(lam, size=shape)).astype(np.int64)
+        part = lam / chunks
+        out = np.zeros(shape, dtype=np.int64)
+        for _ in range(chunks):
+            out += rng.poisson(part, size=shape).astype(np.int64) - rng.poisson(part, size=shape).astype(np.int64)
+        return out
 
     @classmethod
     def calibrated(cls, *, target_epsilon: float, delta: float, rounds: int, **params: Any) -> Self:
