@@ -1,4 +1,7 @@
-"""DP-SGD through the real coordinator (Flower simulation): calibrated σ, ledger charges, budget stop, resume."""
+"""DP-SGD through the real coordinator (Flower simulation): calibrated σ, ledger charges, budget stop, resume.
+
+The private standardisation statistics are charged as round 0 and compose with the DP-SGD rounds.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from consortium.data import federate_institutions, generate_federation
 from consortium.errors import ConfigError
 from consortium.federation.config import FederationConfig
 from consortium.federation.simulation import simulate
-from consortium.privacy.accounting import epsilon_pld
+from consortium.privacy.accounting import compose, epsilon_pld
 from consortium.privacy.ledger import PrivacyBudgetError, PrivacyLedger
 from consortium.privacy.mechanisms import DpSgdMechanism
+from consortium.privacy.stats import PrivateStatsSpec
 from consortium.registry import RunStore
 
 pytestmark = pytest.mark.slow
@@ -50,24 +54,26 @@ def test_dpsgd_run_is_charged_per_round_and_repeated_runs_continue(small_split, 
         ledger = PrivacyLedger(store)
         charges = ledger.charges(run_id=first.run_id)
         assert sorted({c.institution for c in charges}) == sorted(small_split.names())
-        assert {c.round for c in charges} == {1}
+        assert {(c.round, c.mechanism) for c in charges} == {(0, "dpsgd-stats"), (1, "dpsgd")}
         eps_run = first.extra["privacy"]["epsilon"]  # type: ignore[index]
         assert eps_run == pytest.approx(2.0, rel=2e-3) and eps_run <= 2.0  # calibrated, never above the target
-        sigma = charges[0].params["noise_multiplier"]
+        sigma = next(c for c in charges if c.mechanism == "dpsgd").params["noise_multiplier"]
         mech = DpSgdMechanism(noise_multiplier=sigma, clip_norm=1.0, sampling_rate=0.3, steps_per_round=2)
-        assert charges[-1].epsilon == pytest.approx(epsilon_pld(mech.event(1), 1e-5), rel=1e-3)
+        stats = PrivateStatsSpec().event()
+        assert charges[-1].epsilon == pytest.approx(epsilon_pld(compose([stats, mech.event(1)]), 1e-5), rel=1e-3)
         ck = store.load_checkpoint(first.run_id)
         assert ck.extra["privacy"]["mechanism"] == "dpsgd"
-        # A second run on the same data, with a budget that only fits one more round: stops before round 2.
+        # A second run on the same data (its statistics are charged again), with a budget that only fits one
+        # more round: stops before round 2.
         spent = charges[-1].epsilon
-        budget = epsilon_pld(mech.event(2), 1e-5) * 1.001  # room for exactly one more round
+        budget = epsilon_pld(compose([stats, stats, mech.event(2)]), 1e-5) * 1.001  # exactly one more round
         second = dataclasses.replace(
             cfg, budget_epsilon=budget, target_epsilon=0.0, dp_noise_multiplier=sigma, num_rounds=2
         )
         with pytest.raises(PrivacyBudgetError, match=r"spent ε = .* remaining ε = "):
             simulate(small_split, second, work_dir=tmp_path / "w2", store=store, num_cpus=1)
         inst = small_split.names()[0]
-        rounds_charged = [c for c in ledger.charges(institution=inst)]
+        rounds_charged = [c for c in ledger.charges(institution=inst) if c.mechanism == "dpsgd"]
         assert len(rounds_charged) == 2  # 1 from the first run + 1 from the second, never from zero
         assert rounds_charged[-1].epsilon > spent
 

@@ -5,10 +5,14 @@ What leaves the institution, per message type:
 * ``query.info``  - institution name, feature names, whether it discloses its
   evaluation metrics. No data.
 * ``query.stats`` - additive feature statistics (count, positives, sums, sums of
-  squares) for federated standardisation.
+  squares) for federated standardisation; in ``dpsgd`` runs clipped to a public
+  bound and with Gaussian noise added here, before the secure sum
+  (:mod:`consortium.privacy.stats`).
 * ``train``       - the model delta ``local - global`` and the example count;
   under secure aggregation these only ever leave masked (see
-  :mod:`consortium.secagg`).
+  :mod:`consortium.secagg`). In DP-FedAvg runs the delta is clipped and, under
+  secure aggregation, this node adds its share of Skellam noise before masking
+  (parameters from the round's config: :mod:`consortium.privacy.distributed`).
 * ``query.gbdtbins`` / ``query.gbdtlevel`` - federated boosting: fine-grid cell
   counts and per-node gradient/hessian/count histograms, summed like ``train``
   (see :mod:`consortium.federation.gbdt_protocol`).
@@ -37,7 +41,18 @@ from consortium.data import InstitutionSplit, load_institution
 from consortium.errors import ConfigError
 from consortium.federation import messages as m
 from consortium.federation.exact_sum import encode_limbs
-from consortium.secagg.flower import secagg_mod
+from consortium.secagg.flower import make_secagg_mod
+
+
+def _round_noise(msg: Message):  # type: ignore[no-untyped-def]
+    """The distributed-DP noise hook a training round asks for (None: no noise)."""
+    from consortium.privacy.distributed import noise_for_message  # noqa: PLC0415
+
+    return noise_for_message(msg)
+
+
+institution_secagg_mod = make_secagg_mod(noise_for=_round_noise)
+"""Secure aggregation's mod with the privacy layer's noise hook, resolved per round from the round's config."""
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +103,15 @@ def build_client_app(
         Simulation only: directory of institution ``i`` for partition id ``i``.
     mods : sequence of Mod, optional
         Flower mods wrapped around every handler. Default: secure aggregation's
-        mod, which passes through every message that is not part of a secure round.
+        mod (:data:`institution_secagg_mod`), which passes through every message
+        that is not part of a secure round.
     disclose_eval_default : bool
         Whether the institution shares metrics on its own test split when its
         node config does not say (``disclose-eval``). Off by default: disclosure
         is each institution's decision.
     """
     if mods is None:
-        mods = [secagg_mod]
+        mods = [institution_secagg_mod]
     app = ClientApp(mods=list(mods))
 
     def disclose(context: Context) -> bool:
@@ -122,7 +138,11 @@ def build_client_app(
         # The additive statistics of consortium.models.FeatureStats (count, positives, sums, sums
         # of squares), computed here with numpy alone so that this handler does not import torch.
         X = split.train.X.astype(np.float64)
-        flat = np.concatenate([[X.shape[0], float(split.train.y.sum())], X.sum(axis=0), (X * X).sum(axis=0)])
+        config = msg.content.get(m.CONFIG) if msg.has_content() else None
+        if isinstance(config, ConfigRecord) and "dp-stats-noise-multiplier" in config:
+            flat = _private_stats(X, split.train.y, config)
+        else:
+            flat = np.concatenate([[X.shape[0], float(split.train.y.sum())], X.sum(axis=0), (X * X).sum(axis=0)])
         arrays = ArrayRecord({"stats": _array(encode_limbs(flat))})
         metrics = MetricRecord({m.WEIGHT: 1})
         return Message(RecordDict({m.UPDATE: arrays, m.METRICS: metrics}), reply_to=msg)
@@ -154,6 +174,20 @@ def build_client_app(
         return Message(evaluate_reply(_load(context, data_dirs), msg.content, disclose=disclose(context)), reply_to=msg)
 
     return app
+
+
+def _private_stats(X: np.ndarray, y: np.ndarray, config: ConfigRecord) -> np.ndarray:  # noqa: N803
+    """The statistics with this institution's Gaussian noise (they leave the node already private)."""
+    import secrets  # noqa: PLC0415
+
+    from consortium.privacy.stats import PrivateStatsSpec, noisy_stats  # noqa: PLC0415
+
+    try:
+        spec = PrivateStatsSpec(noise_multiplier=float(config["dp-stats-noise-multiplier"]),  # type: ignore[arg-type]
+                                bound=float(config["dp-stats-bound"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"The private statistics request is incomplete or invalid: {exc!r}.") from None
+    return noisy_stats(X, y, spec=spec, rng=np.random.default_rng(secrets.randbits(128)))
 
 
 def _fingerprint(split: InstitutionSplit) -> str:

@@ -23,8 +23,10 @@ ModelKind = Literal["mlp", "autoencoder", "gbdt"]
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder", "gbdt")
 LOSSES: tuple[str, ...] = ("weighted_bce", "focal", "bce")
-DP_MODES: tuple[str, ...] = ("none", "dpsgd")
-"""Privacy modes of a coordinator run (``dpfedavg``/``skellam`` run in ``consortium.privacy.inprocess``)."""
+DP_MODES: tuple[str, ...] = ("none", "dpsgd", "dpfedavg", "dpfedavg-adaptive")
+"""Privacy modes of a coordinator run (see :mod:`consortium.privacy.federated`)."""
+INSTITUTION_DP_MODES: tuple[str, ...] = ("dpfedavg", "dpfedavg-adaptive")
+"""Modes that protect a whole institution (DP-FedAvg) rather than one record."""
 
 
 @dataclass(frozen=True)
@@ -105,17 +107,34 @@ class FederationConfig:
         Continue an interrupted run from its last completed round: a run id,
         or ``"latest"`` for the newest unfinished run named ``run_name``
         (``""``: start a new run).
-    dp : {"none", "dpsgd"}
-        Differential privacy: ``dpsgd`` = record-level DP-SGD in every institution
-        (see :mod:`consortium.privacy`), accounted and charged to the privacy ledger.
+    dp : {"none", "dpsgd", "dpfedavg", "dpfedavg-adaptive"}
+        Differential privacy, accounted and charged to the privacy ledger (see
+        :mod:`consortium.privacy`): ``dpsgd`` = record-level DP-SGD in every
+        institution, with private standardisation statistics; ``dpfedavg`` =
+        institution-level DP-FedAvg (each update clipped to ``update_clip``; under
+        secure aggregation every institution adds its share of Skellam noise
+        before masking, else the coordinator adds Gaussian noise);
+        ``dpfedavg-adaptive`` = the same with adaptive clipping (Andrew et al.
+        2021), whose noisy clipped-count query is accounted too.
     target_epsilon : float
-        With ``dp``: ε for all rounds; the noise multiplier is calibrated before
-        training (0 = use ``dp_noise_multiplier``).
+        With ``dp``: ε for all rounds (DP-SGD: statistics included); the noise
+        multiplier is calibrated before training (0 = use ``dp_noise_multiplier``).
     delta : float
-        δ of the guarantee (0 = 1/(10·n) of the pooled training rows).
+        δ of the guarantee (0 = 1/(10·n) of the protected units: pooled training
+        rows per institution for ``dpsgd``, institutions for ``dpfedavg*``).
     dp_noise_multiplier, dp_clip, dp_sampling_rate, dp_local_steps, dp_lr :
         DP-SGD's σ (when no target ε), per-row clip C, Poisson rate q, noisy
-        steps per round and SGD step size.
+        steps per round and SGD step size. DP-FedAvg uses ``dp_noise_multiplier``
+        as σ of the update sum in units of ``update_clip``.
+    dp_stats_noise_multiplier, dp_stats_bound :
+        ``dpsgd``: σ of each of the four private statistics queries and the public
+        per-feature bound the statistics clip to (see :mod:`consortium.privacy.stats`).
+    update_clip : float
+        ``dpfedavg*``: L2 bound C on one institution's model update (initial bound
+        when adaptive).
+    clip_quantile, clip_lr, count_noise_multiplier :
+        ``dpfedavg-adaptive``: target quantile γ of update norms, geometric step η,
+        and σ_b, the std of the noise on the count of unclipped updates.
     budget_epsilon : float
         Per-institution ε budget across all runs on the same data (0 = none): a
         round that would exceed it is not started.
@@ -166,6 +185,12 @@ class FederationConfig:
     dp_local_steps: int = 3
     dp_lr: float = 10.0
     budget_epsilon: float = 0.0
+    dp_stats_noise_multiplier: float = 30.0
+    dp_stats_bound: float = 1.0
+    update_clip: float = 0.5
+    clip_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise_multiplier: float = 20.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -235,6 +260,9 @@ class FederationConfig:
                 "dp_noise_multiplier", owner,
                 "> 0 when no target_epsilon is given (σ = 0 adds no noise: no guarantee)", self.dp_noise_multiplier,
             )
+        if self.dp in INSTITUTION_DP_MODES:
+            self._check_institution_privacy(owner)
+            return
         if not self.dp_clip > 0:
             raise param_error("dp_clip", owner, "a float > 0 (the per-row sensitivity bound)", self.dp_clip)
         if not 0 < self.dp_sampling_rate <= 1:
@@ -245,6 +273,31 @@ class FederationConfig:
             raise param_error("dp_local_steps", owner, "an int >= 1", self.dp_local_steps)
         if not self.dp_lr > 0:
             raise param_error("dp_lr", owner, "a float > 0", self.dp_lr)
+        if not self.dp_stats_noise_multiplier > 0:
+            raise param_error("dp_stats_noise_multiplier", owner,
+                              "a float > 0 (the statistics are released with this noise)",
+                              self.dp_stats_noise_multiplier)
+        if not self.dp_stats_bound > 0:
+            raise param_error("dp_stats_bound", owner, "a float > 0 (public feature range of the statistics)",
+                              self.dp_stats_bound)
+
+    def _check_institution_privacy(self, owner: str) -> None:
+        """DP-FedAvg: one bounded, unweighted update per institution, summed with noise."""
+        if not self.update_clip > 0:
+            raise param_error("update_clip", owner, "a float > 0 (one institution's sensitivity bound)",
+                              self.update_clip)
+        if self.aggregation != "mean":
+            raise param_error("aggregation", owner, "'mean' with DP-FedAvg (the noise is calibrated to the "
+                              "sensitivity of a sum of clipped updates)", self.aggregation)
+        if self.dp == "dpfedavg-adaptive":
+            if not 0 < self.clip_quantile < 1:
+                raise param_error("clip_quantile", owner, "a float in (0, 1)", self.clip_quantile)
+            if not self.clip_lr > 0:
+                raise param_error("clip_lr", owner, "a float > 0", self.clip_lr)
+            if not self.count_noise_multiplier > 0:
+                raise param_error("count_noise_multiplier", owner,
+                                  "a float > 0 (the clipped count is released with this noise)",
+                                  self.count_noise_multiplier)
 
     @property
     def effective_proximal_mu(self) -> float:

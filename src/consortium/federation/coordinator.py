@@ -27,7 +27,7 @@ from consortium.data import Dataset, load_npz
 from consortium.errors import FederationError, StoreError
 from consortium.federation import messages as m
 from consortium.federation.aggregation import AggregateResult
-from consortium.federation.config import FederationConfig
+from consortium.federation.config import INSTITUTION_DP_MODES, FederationConfig
 from consortium.federation.exact_sum import decode_limb_sums
 from consortium.federation.server_optimizers import ServerOptimizer, create_server_optimizer
 from consortium.federation.thresholds import (
@@ -52,7 +52,15 @@ from consortium.models import (
     predict_scores,
     set_parameters,
 )
-from consortium.privacy.federated import RunPrivacy
+from consortium.privacy.federated import (
+    STATS_MECHANISM,
+    CoordinatorPrivacy,
+    RunPrivacy,
+    check_statistics_budget,
+    plan_privacy,
+    statistics_request,
+    statistics_spec,
+)
 from consortium.registry import RoundRecord, RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
@@ -244,11 +252,34 @@ class Coordinator:
         return names, reference, disclose
 
     def federated_statistics(
-        self, grid: Grid, node_ids: Sequence[int], names: Mapping[int, str], *, n_features: int
+        self,
+        grid: Grid,
+        node_ids: Sequence[int],
+        names: Mapping[int, str],
+        *,
+        n_features: int,
+        request: Mapping[str, int | float | str] | None = None,
     ) -> FeatureStats:
-        """Sum the institutions' feature statistics (count, positives, sums, sums of squares)."""
+        """Sum the institutions' feature statistics (count, positives, sums, sums of squares).
+
+        With a private-statistics ``request`` (``dpsgd``) every institution adds its
+        noise before the secure sum, and the noisy totals are repaired for use
+        (post-processing: :func:`consortium.privacy.stats.combine_noisy`).
+        """
+        return self._statistics(grid, node_ids, names, n_features=n_features, request=request)[0]
+
+    def _statistics(
+        self,
+        grid: Grid,
+        node_ids: Sequence[int],
+        names: Mapping[int, str],
+        *,
+        n_features: int,
+        request: Mapping[str, int | float | str] | None = None,
+    ) -> tuple[FeatureStats, tuple[str, ...]]:
+        """:meth:`federated_statistics` and the institutions whose statistics are in the sum."""
         result = self.transport.sum_statistics(
-            grid, node_ids=node_ids, names=names, config=self.config, n_features=n_features
+            grid, node_ids=node_ids, names=names, config=self.config, n_features=n_features, request=request
         )
         flat = decode_limb_sums(result.update_sum[0], n_participants=len(result.participants))
         d = (len(flat) - 2) // 2
@@ -257,9 +288,12 @@ class Coordinator:
                 f"Only {len(result.participants)} institution(s) contributed feature statistics "
                 f"({list(result.participants)}; dropped {list(result.dropped)}); min_nodes={self.config.min_nodes}."
             )
-        return FeatureStats(
-            count=float(flat[0]), positives=float(flat[1]), sum=flat[2 : 2 + d], sumsq=flat[2 + d :]
-        )
+        if request:
+            from consortium.privacy.stats import combine_noisy  # noqa: PLC0415
+
+            return combine_noisy([flat]), tuple(result.participants)
+        stats = FeatureStats(count=float(flat[0]), positives=float(flat[1]), sum=flat[2 : 2 + d], sumsq=flat[2 + d :])
+        return stats, tuple(result.participants)
 
     # -- the run ----------------------------------------------------------------
 
@@ -273,17 +307,28 @@ class Coordinator:
         resumed = find_resumable_run(self.store, cfg) if cfg.resume else None
         if resumed is not None:
             return self._continue(grid, resumed, node_ids, names, feature_names, optimizer)
-        stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
-        standardizer = self.initial_standardizer or stats.standardizer()
-        privacy = RunPrivacy.plan(
-            cfg, store=self.store, data_ids=self.data_ids,
-            rows_per_institution=stats.count / max(len(names), 1), positive_rate=stats.positive_rate,
-        )
-        pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
         model = build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed)
         if self.initial_parameters is not None:  # continue from a given model (checked layer by layer)
             set_parameters(model, self.initial_parameters)
         params = get_parameters(model)
+        stats_spec = statistics_spec(cfg)
+        stats_from: tuple[str, ...] = ()
+        if cfg.dp in INSTITUTION_DP_MODES:
+            # Exact statistics would not be institution-level private: no data-dependent standardisation
+            # (institutions weight their classes locally, inside their clipped, noised update).
+            stats = None
+            standardizer = self.initial_standardizer or _identity(len(feature_names))
+            pos_weight = 0.0
+        else:
+            check_statistics_budget(cfg, store=self.store, data_ids=self.data_ids, spec=stats_spec)
+            stats, stats_from = self._statistics(grid, node_ids, names, n_features=len(feature_names),
+                                                 request=statistics_request(stats_spec))
+            standardizer = self.initial_standardizer or stats.standardizer()
+            pos_weight = balanced_pos_weight(stats.positive_rate) if cfg.loss == "weighted_bce" else 0.0
+        rows = stats.count / max(len(names), 1) if stats is not None else 0.0
+        rate = stats.positive_rate if stats is not None else 0.0
+        privacy = plan_privacy(cfg, store=self.store, data_ids=self.data_ids, rows_per_institution=rows,
+                               positive_rate=rate, reference=params)
         institutions = tuple(names[n] for n in node_ids)
         run_config: dict[str, Any] = dict(cfg.to_run_config())
         run_config.update(
@@ -297,12 +342,14 @@ class Coordinator:
         )
         run_config.pop("store-url", None)
         if privacy is not None:
-            run_config["privacy"] = {"mechanism": privacy.mechanism.name, "delta": privacy.delta,
-                                     "params": privacy.mechanism.params()}
+            # The (private) counts the plan was made from: a resumed run re-plans from them, not from a new query.
+            run_config["privacy"] = {**privacy.describe(), "rows-per-institution": rows, "positive-rate": rate}
         run_id = self.store.create_run(name=cfg.run_name, config=run_config, institutions=institutions)
+        if isinstance(privacy, RunPrivacy):
+            privacy.charge_statistics(run_id, stats_from)
         logger.info(
             "Run %s: %d institutions %s, %d features, pooled positive rate %.4f, pos_weight %.1f, transport %s",
-            run_id, len(institutions), list(institutions), len(feature_names), stats.positive_rate,
+            run_id, len(institutions), list(institutions), len(feature_names), rate,
             pos_weight, self.transport.name,
         )
         return self._rounds(
@@ -337,11 +384,20 @@ class Coordinator:
             )
         last = self.store.last_completed_round(run.run_id)
         ckpt = self.store.load_checkpoint(run.run_id, round=last) if last else None
+        planned = run.config.get("privacy")
+        recorded_privacy: Mapping[str, Any] = planned if isinstance(planned, Mapping) else {}
+        stats_request = statistics_request(statistics_spec(cfg))
+        stats: FeatureStats | None = None
+        stats_from: tuple[str, ...] = ()
         if ckpt is None:
             logger.warning("Run %s has no completed round; restarting it from round 1.", run.run_id)
-            stats = self.federated_statistics(grid, node_ids, names, n_features=len(feature_names))
-            standardizer = stats.standardizer()
             params = get_parameters(build_model(cfg.model, len(feature_names), hidden=cfg.hidden, seed=cfg.seed))
+            if cfg.dp in INSTITUTION_DP_MODES:
+                standardizer = _identity(len(feature_names))
+            else:
+                stats, stats_from = self._statistics(grid, node_ids, names, n_features=len(feature_names),
+                                                     request=stats_request)
+                standardizer = stats.standardizer()
             threshold = 0.5
         else:
             n = int(ckpt.extra["n_params"])
@@ -350,14 +406,24 @@ class Coordinator:
             optimizer.load_state_arrays(ckpt.arrays[n + 2 :])
             threshold = float(ckpt.extra["threshold"])
         pos_weight = float(run.config.get("pos-weight", 0.0))
-        privacy = None
+        privacy: CoordinatorPrivacy | None = None
         if cfg.dp != "none":  # a resumed run is charged from the ledger on, never from zero
-            counts = stats if ckpt is None else self.federated_statistics(
-                grid, node_ids, names, n_features=len(feature_names))
-            privacy = RunPrivacy.plan(
-                cfg, store=self.store, data_ids=self.data_ids,
-                rows_per_institution=counts.count / max(len(names), 1), positive_rate=counts.positive_rate,
-            )
+            rows, rate = recorded_privacy.get("rows-per-institution"), recorded_privacy.get("positive-rate")
+            if cfg.dp not in INSTITUTION_DP_MODES and stats is None and (rows is None or rate is None):
+                stats, stats_from = self._statistics(grid, node_ids, names, n_features=len(feature_names),
+                                                     request=stats_request)
+            if stats is not None:
+                rows, rate = stats.count / max(len(names), 1), stats.positive_rate
+            privacy = plan_privacy(cfg, store=self.store, data_ids=self.data_ids,
+                                   rows_per_institution=float(rows or 0.0), positive_rate=float(rate or 0.0),
+                                   reference=params)
+            if isinstance(privacy, RunPrivacy) and stats_from:  # statistics released again: charged again
+                earlier = {c.mechanism for c in privacy.ledger.charges(run_id=run.run_id)
+                           if c.mechanism.startswith(STATS_MECHANISM)}
+                privacy.charge_statistics(run.run_id, stats_from, release=len(earlier) + 1)
+            restore = getattr(privacy, "restore", None)
+            if ckpt is not None and restore is not None and isinstance(ckpt.extra.get("privacy"), Mapping):
+                restore(ckpt.extra["privacy"])
         reports: list[RoundReport] = []
         best: tuple[float, int, list[np.ndarray] | None, float] = (-1.0, 0, params, threshold)
         for rr in self.store.rounds(run.run_id):
@@ -401,7 +467,7 @@ class Coordinator:
         reports: list[RoundReport],
         threshold: float,
         best: tuple[float, int, list[np.ndarray] | None, float],
-        privacy: RunPrivacy | None = None,
+        privacy: CoordinatorPrivacy | None = None,
     ) -> RunResult:
         """Rounds ``first_round..num_rounds`` of run ``run_id``; finish the run."""
         cfg = self.config
@@ -427,24 +493,33 @@ class Coordinator:
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
                 sampled = self._sample(grid, node_ids, rnd)
-                if privacy is not None:  # stop BEFORE a round that would exceed a budget
-                    privacy.check_before_round([names[n] for n in sampled])
+                sampled_names = [names[n] for n in sampled]
+                # Stop BEFORE a round that would exceed a budget; the round's noise parameters travel in its config.
+                plan = privacy.begin_round(sampled_names) if privacy is not None else None
                 content = RecordDict(
                     {
                         m.GLOBAL_ARRAYS: ArrayRecord.from_numpy_ndarrays([p.copy() for p in params]),
                         m.STANDARDIZER: std_record,
-                        m.CONFIG: ConfigRecord({**base_config, "server-round": rnd}),
+                        m.CONFIG: ConfigRecord(
+                            {**base_config, **(plan.config if plan is not None else {}), "server-round": rnd}),
                     }
                 )
                 agg = self.transport.sum_updates(
-                    grid, node_ids=sampled, names=names, content=content, reference=params, config=cfg
+                    grid, node_ids=sampled, names=names, content=content, reference=params, config=cfg,
+                    bounds=plan.bounds if plan is not None else None,
                 )
+                if privacy is not None:
+                    agg = privacy.release(agg, rnd)
                 if len(agg.participants) < min(cfg.min_nodes, len(sampled)):
+                    if privacy is not None:  # the sum was released all the same: it is charged
+                        self.store.run_transaction(privacy.charges_for(run_id, rnd, sampled_names),
+                                                   action=f"charge the refused round {rnd} of run {run_id!r}")
                     raise FederationError(
                         f"Round {rnd}: only {len(agg.participants)} institution(s) contributed "
                         f"({list(agg.participants)}); dropped {list(agg.dropped)}; min_nodes={cfg.min_nodes}."
                     )
-                if _sum_within_clip_bound(agg, cfg, rnd, secure=self.transport.name != "plain"):
+                bound = privacy.aggregate_bound(agg) if privacy is not None else (cfg.clip_norm, 0.0)
+                if _sum_within_clip_bound(agg, rnd, secure=self.transport.name != "plain", bound=bound):
                     params = optimizer.step(params, agg.mean_update())
                 _check_finite(params, rnd)
                 eval_content = RecordDict(
@@ -492,10 +567,9 @@ class Coordinator:
                         "hidden": list(cfg.hidden),
                         "feature_names": list(feature_names),
                         "optimizer": optimizer.name,
-                        **({"privacy": {"mechanism": privacy.mechanism.name, "delta": privacy.delta,
-                                        "params": privacy.mechanism.params()}} if privacy is not None else {}),
+                        **({"privacy": privacy.describe()} if privacy is not None else {}),
                     },
-                    also=None if privacy is None else privacy.charges_for(run_id, rnd, [names[n] for n in sampled]),
+                    also=None if privacy is None else privacy.charges_for(run_id, rnd, sampled_names),
                 )
                 for inst, met in inst_metrics.items():
                     self.store.record_institution_metrics(
@@ -640,6 +714,11 @@ class Coordinator:
         }
 
 
+def _identity(n_features: int) -> Standardizer:
+    """No data-dependent standardisation (institution-level DP releases no statistics)."""
+    return Standardizer(mean=np.zeros(n_features), std=np.ones(n_features))
+
+
 def _arr(a: np.ndarray):  # type: ignore[no-untyped-def]
     from flwr.app import Array
 
@@ -650,17 +729,19 @@ def _nan(x: float | None) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _sum_within_clip_bound(agg: AggregateResult, cfg: FederationConfig, rnd: int, *, secure: bool) -> bool:
+def _sum_within_clip_bound(agg: AggregateResult, rnd: int, *, secure: bool, bound: tuple[float, float]) -> bool:
     """Under secure aggregation, verify the sum against the client-side clip bound.
 
-    A sum above ``weight_total * clip_norm`` proves an institution skipped
-    clipping; the round's update is then refused (model unchanged) and logged.
+    A sum above ``weight_total * clip_norm`` (plus ``slack``: the norm DP noise may
+    add) proves an institution skipped clipping; the round's update is then
+    refused (model unchanged) and logged.
     """
     if not secure:
         return True
+    clip_norm, slack = bound
     try:
-        check_aggregate_norm(agg.update_sum, weight_total=agg.weight_total, clip_norm=cfg.clip_norm,
-                             round_number=rnd)
+        check_aggregate_norm(agg.update_sum, weight_total=agg.weight_total, clip_norm=clip_norm,
+                             round_number=rnd, slack=slack)
     except FederationError as exc:
         logger.error("%s", exc)
         return False

@@ -8,6 +8,8 @@ model code.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -17,11 +19,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from consortium.data import InstitutionSplit
 from consortium.errors import ConfigError
 from consortium.federation import messages as m
+from consortium.federation.config import INSTITUTION_DP_MODES
 from consortium.federation.thresholds import score_histograms, to_unit_interval
 from consortium.models import (
     Standardizer,
     TrainConfig,
     TrainResult,
+    balanced_pos_weight,
     build_model,
     evaluate_scores,
     get_parameters,
@@ -79,13 +83,20 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
         proximal_mu=float(_scalar(cfg, "proximal-mu", 0.0)),
         seed=int(_scalar(cfg, "seed", 0)) * 1000 + int(_scalar(cfg, "server-round", 0)),
     )
-    if str(_scalar(cfg, "dp", "none")) == "dpsgd":
+    mode = str(_scalar(cfg, "dp", "none"))
+    if mode == "dpsgd":
         result = _dp_sgd(model, X, split.train.y, cfg, seed=tc.seed)
     else:
+        if mode in INSTITUTION_DP_MODES and tc.loss == "weighted_bce":
+            # No pooled class weight in DP-FedAvg (it would need its own release): weight locally;
+            # everything local is inside this institution's clipped, noised update.
+            tc = dataclasses.replace(tc, pos_weight=balanced_pos_weight(float(np.mean(split.train.y))))
         result = train_local(
             model, X, split.train.y, config=tc, global_params=global_params if tc.proximal_mu > 0 else None
         )
     delta = [(lp - gp).astype(gp.dtype) for lp, gp in zip(get_parameters(model), global_params, strict=True)]
+    if mode in INSTITUTION_DP_MODES:
+        return _dp_fedavg_reply(delta, cfg)
     return RecordDict(
         {
             m.UPDATE: ArrayRecord.from_numpy_ndarrays(delta),
@@ -112,6 +123,23 @@ def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRec
     )
     # The unnoised training loss is not DP: it is not reported (0 stands in).
     return TrainResult(num_examples=int(X.shape[0]), steps=out.steps, mean_loss=0.0)
+
+
+def _dp_fedavg_reply(delta: list[np.ndarray], cfg: ConfigRecord) -> RecordDict:
+    """DP-FedAvg: the update clipped to the round's C, weight 1, and (adaptive) the centred unclipped bit.
+
+    The clip leaves a relative 1e-6 of room so that the float32 cast cannot push the
+    norm past C (the coordinator refuses larger clear-text updates). No training
+    loss is reported: it would travel un-noised.
+    """
+    clip = float(_scalar(cfg, "dp-update-clip"))
+    norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta))
+    factor = min(1.0, clip * (1.0 - 1e-6) / max(norm, 1e-12))
+    clipped = [(d.astype(np.float64) * factor).astype(d.dtype) for d in delta]
+    metrics: dict[str, int | float | list[int] | list[float]] = {m.WEIGHT: 1}
+    if int(_scalar(cfg, "dp-adaptive", 0)):
+        metrics["unclipped"] = (1.0 if norm <= clip else 0.0) - 0.5
+    return RecordDict({m.UPDATE: ArrayRecord.from_numpy_ndarrays(clipped), m.METRICS: MetricRecord(metrics)})
 
 
 def evaluate_reply(split: InstitutionSplit, content: RecordDict, *, disclose: bool) -> RecordDict:

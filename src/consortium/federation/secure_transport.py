@@ -19,7 +19,7 @@ from consortium.federation import messages as m
 from consortium.federation.aggregation import AggregateResult
 from consortium.federation.config import FederationConfig
 from consortium.federation.exact_sum import LIMB_BOUND, N_LIMBS
-from consortium.federation.transport import Transport
+from consortium.federation.transport import Transport, UpdateBounds
 from consortium.secagg.config import SecAggConfig
 from consortium.secagg.flower import run_secure_round
 
@@ -27,8 +27,18 @@ TRAIN_LOSS_BOUND = 1_000.0
 """Bound on the training loss an institution reports inside the secret (clipped above)."""
 
 
-def update_config(config: FederationConfig) -> SecAggConfig:
-    """Secure-aggregation parameters of a training round."""
+def update_config(config: FederationConfig, bounds: UpdateBounds | None = None) -> SecAggConfig:
+    """Secure-aggregation parameters of a training round (``bounds``: set by institution-level DP)."""
+    if bounds is not None:
+        return SecAggConfig(
+            clip_norm=bounds.clip_norm,
+            coordinate_bound=min(config.coordinate_bound, bounds.clip_norm),
+            weight_cap=bounds.weight_cap,
+            metric_bounds=dict(bounds.metric_bounds),
+            noise_headroom=bounds.noise_headroom,
+            stage_timeout=config.round_timeout,
+            **({"modulus_bits": bounds.modulus_bits} if bounds.modulus_bits is not None else {}),
+        )
     return SecAggConfig(
         clip_norm=config.clip_norm,
         coordinate_bound=min(config.coordinate_bound, config.clip_norm),
@@ -62,6 +72,7 @@ class SecureTransport(Transport):
         content: RecordDict,
         reference: Sequence[np.ndarray],
         config: FederationConfig,
+        bounds: UpdateBounds | None = None,
     ) -> AggregateResult:
         return run_secure_round(
             grid,
@@ -69,7 +80,7 @@ class SecureTransport(Transport):
             node_names=names,
             train_content=content,
             reference=reference,
-            config=update_config(config),
+            config=update_config(config, bounds),
             message_type=m.TRAIN,
         )
 
@@ -81,13 +92,14 @@ class SecureTransport(Transport):
         names: Mapping[int, str],
         config: FederationConfig,
         n_features: int,
+        request: Mapping[str, int | float | str] | None = None,
     ) -> AggregateResult:
         n_values = (2 + 2 * n_features) * N_LIMBS
         return run_secure_round(
             grid,
             node_ids=node_ids,
             node_names=names,
-            train_content=RecordDict({m.CONFIG: ConfigRecord({})}),
+            train_content=RecordDict({m.CONFIG: ConfigRecord(dict(request or {}))}),
             reference=[np.zeros(n_values, dtype=np.float64)],
             config=statistics_config(config, n_values),
             message_type=m.STATS,

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from consortium.data import FederatedSplit, save_split
 from consortium.errors import FederationError
-from consortium.federation.client_app import build_client_app
+from consortium.federation.client_app import build_client_app, institution_secagg_mod
 from consortium.federation.config import FederationConfig
 from consortium.federation.coordinator import RoundCallback, RunResult
 from consortium.federation.server_app import build_server_app
 from consortium.registry import RunStore
-from consortium.secagg.flower import secagg_mod
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def simulate(
         on_result=results.append,
         on_error=errors.append,
     )
-    mods = None if client_mods is None else [secagg_mod, *client_mods]
+    mods = None if client_mods is None else [institution_secagg_mod, *client_mods]
     client_app = build_client_app(
         data_dirs=data_dirs, mods=mods, disclose_eval_default=disclose_eval  # type: ignore[arg-type]
     )

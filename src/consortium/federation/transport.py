@@ -10,9 +10,11 @@ benchmarks compare against.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -26,6 +28,33 @@ from consortium.federation.robust import robust_aggregate
 from consortium.federation.validation import InvalidUpdateError, contribution_from_reply
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpdateBounds:
+    """One round's bounds on what an institution sends, set by institution-level DP.
+
+    Attributes
+    ----------
+    clip_norm : float
+        L2 bound of one update (the sensitivity the noise is calibrated to).
+    weight_cap : float
+        Cap of the reported weight; DP-FedAvg institutions report weight 1 with cap 1
+        (unweighted: example counts would leak un-noised).
+    noise_headroom : float
+        Room (value units) reserved in the secure-aggregation encoding for distributed noise.
+    metric_bounds : Mapping[str, float]
+        The only training metrics summed (the privacy layer's own, e.g. the noisy clipped count).
+    modulus_bits : int, optional
+        Bits of the secure-aggregation encoding (default the maximum); the privacy
+        layer lowers it to keep the integer noise in the range its sampler is exact.
+    """
+
+    clip_norm: float
+    weight_cap: float = 1.0
+    noise_headroom: float = 0.0
+    metric_bounds: Mapping[str, float] = field(default_factory=dict)
+    modulus_bits: int | None = None
 
 
 class Transport(ABC):
@@ -43,8 +72,13 @@ class Transport(ABC):
         content: RecordDict,
         reference: Sequence[np.ndarray],
         config: FederationConfig,
+        bounds: UpdateBounds | None = None,
     ) -> AggregateResult:
-        """Send a ``train`` message to each node and return the sum of weighted deltas."""
+        """Send a ``train`` message to each node and return the sum of weighted deltas.
+
+        ``bounds`` (institution-level DP) replaces the config's clip bound, weight
+        cap and aggregated metrics for this round.
+        """
 
     @abstractmethod
     def sum_statistics(
@@ -55,8 +89,12 @@ class Transport(ABC):
         names: Mapping[int, str],
         config: FederationConfig,
         n_features: int,
+        request: Mapping[str, int | float | str] | None = None,
     ) -> AggregateResult:
-        """Ask each node for its feature statistics (exact limbs) and return their sum."""
+        """Ask each node for its feature statistics (exact limbs) and return their sum.
+
+        ``request`` is the statistics query's config (e.g. the noise of private statistics).
+        """
 
 
 class PlainTransport(Transport):
@@ -114,13 +152,15 @@ class PlainTransport(Transport):
             trim_fraction=config.trim_fraction, byzantine_nodes=config.byzantine_nodes,
         )
 
-    def sum_updates(self, grid, *, node_ids, names, content, reference, config):  # type: ignore[no-untyped-def]
+    def sum_updates(self, grid, *, node_ids, names, content, reference, config, bounds=None):  # type: ignore[no-untyped-def]
         messages = [Message(content, dst_node_id=n, message_type=m.TRAIN) for n in node_ids]
+        if bounds is not None:  # each update must arrive clipped: the noise assumes it
+            config = dataclasses.replace(config, max_update_norm=bounds.clip_norm)
         return self._collect(grid, messages, names, reference, config.round_timeout, config)
 
-    def sum_statistics(self, grid, *, node_ids, names, config, n_features):  # type: ignore[no-untyped-def]
+    def sum_statistics(self, grid, *, node_ids, names, config, n_features, request=None):  # type: ignore[no-untyped-def]
         messages = [
-            Message(RecordDict({m.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=m.STATS)
+            Message(RecordDict({m.CONFIG: ConfigRecord(dict(request or {}))}), dst_node_id=n, message_type=m.STATS)
             for n in node_ids
         ]
         return self._collect(grid, messages, names, None, config.round_timeout)

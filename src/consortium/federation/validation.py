@@ -93,13 +93,19 @@ def update_norm(arrays: Sequence[np.ndarray]) -> float:
 
 
 def check_aggregate_norm(
-    update_sum: Sequence[np.ndarray], *, weight_total: float, clip_norm: float, round_number: int = 0
+    update_sum: Sequence[np.ndarray],
+    *,
+    weight_total: float,
+    clip_norm: float,
+    round_number: int = 0,
+    slack: float = 0.0,
 ) -> float:
     """Verify that a securely aggregated sum respects the client-side clip bound.
 
     Every honest institution sends ``w_i * clip(d_i)`` with ``||clip(d_i)|| <=
     clip_norm``, so the sum's norm is at most ``weight_total * clip_norm``
-    (plus quantisation error, allowed for with 1 % slack).
+    (plus quantisation error, allowed for with 1 % slack, plus ``slack``: the
+    norm that differential-privacy noise inside the sum may add).
 
     Returns
     -------
@@ -112,7 +118,7 @@ def check_aggregate_norm(
         If the bound is broken: at least one institution did not clip.
     """
     norm = update_norm(update_sum)
-    bound = weight_total * clip_norm * 1.01 + 1e-6
+    bound = weight_total * clip_norm * 1.01 + 1e-6 + slack
     if not norm <= bound:
         raise FederationError(
             f"Round {round_number}: the securely aggregated update has norm {norm:.4g}, above the bound "

@@ -158,17 +158,23 @@ def audit(
 
 
 def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--dp``, ``--target-epsilon``, ``--delta``, ``--budget-epsilon``, passed on as ``dp_settings``.
+    """``--dp``, ``--target-epsilon``, ``--delta``, ``--budget-epsilon`` and the mechanisms' options.
 
-    ``dp_settings`` holds :class:`~consortium.federation.config.FederationConfig` keyword arguments.
+    They are passed on as ``dp_settings``, :class:`~consortium.federation.config.FederationConfig`
+    keyword arguments, so every value is validated there before any training.
     """
+    from consortium.federation.config import DP_MODES, FederationConfig  # noqa: PLC0415
+
+    defaults = FederationConfig()
 
     @click.option(
         "--dp",
-        type=click.Choice(["none", "dpsgd"]),
+        type=click.Choice(list(DP_MODES)),
         default="none",
         show_default=True,
-        help="Differential privacy: none, or record-level DP-SGD in every institution.",
+        help="Differential privacy: none; dpsgd = record-level DP-SGD in every institution (private "
+        "standardisation statistics); dpfedavg = institution-level DP-FedAvg (distributed Skellam noise under "
+        "secure aggregation, else central Gaussian); dpfedavg-adaptive = the same with adaptive clipping.",
     )
     @click.option(
         "--target-epsilon",
@@ -188,6 +194,18 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         help="Per-institution ε budget across runs on the same data (0 = none).",
     )
+    @click.option("--update-clip", type=float, default=defaults.update_clip, show_default=True,
+                  help="dpfedavg*: L2 bound C on one institution's update (initial bound when adaptive).")
+    @click.option("--clip-quantile", type=float, default=defaults.clip_quantile, show_default=True,
+                  help="dpfedavg-adaptive: target quantile of update norms.")
+    @click.option("--clip-lr", type=float, default=defaults.clip_lr, show_default=True,
+                  help="dpfedavg-adaptive: geometric step of the clip bound.")
+    @click.option("--count-noise-multiplier", type=float, default=defaults.count_noise_multiplier,
+                  show_default=True, help="dpfedavg-adaptive: noise std on the count of unclipped updates.")
+    @click.option("--stats-noise-multiplier", type=float, default=defaults.dp_stats_noise_multiplier,
+                  show_default=True, help="dpsgd: σ of each private standardisation statistic.")
+    @click.option("--stats-bound", type=float, default=defaults.dp_stats_bound, show_default=True,
+                  help="dpsgd: public per-feature bound the private statistics clip to.")
     @wraps(fn)
     def wrapper(
         *args: Any,
@@ -196,6 +214,12 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         delta: float,
         dp_noise_multiplier: float,
         budget_epsilon: float,
+        update_clip: float,
+        clip_quantile: float,
+        clip_lr: float,
+        count_noise_multiplier: float,
+        stats_noise_multiplier: float,
+        stats_bound: float,
         **kwargs: Any,
     ) -> Any:
         settings = {
@@ -204,6 +228,12 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "delta": delta,
             "dp_noise_multiplier": dp_noise_multiplier,
             "budget_epsilon": budget_epsilon,
+            "update_clip": update_clip,
+            "clip_quantile": clip_quantile,
+            "clip_lr": clip_lr,
+            "count_noise_multiplier": count_noise_multiplier,
+            "dp_stats_noise_multiplier": stats_noise_multiplier,
+            "dp_stats_bound": stats_bound,
         }
         return fn(*args, dp_settings=settings, **kwargs)
 

@@ -12,6 +12,7 @@ twice (``(run_id, institution, data_id, round, mechanism)`` is unique).
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from consortium.registry.store_schema import NAME_LENGTH, RUN_ID_LENGTH, Base, U
 __all__ = ["LedgerCharge", "PrivacyBudgetError", "PrivacyLedger", "PrivacyLedgerRow"]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class PrivacyBudgetError(ConsortiumError):
@@ -214,13 +216,19 @@ class PrivacyLedger:
         budget_epsilon: float | None = None,
         params: Mapping[str, Any] | None = None,
         session: Session | None = None,
+        enforce_budget: bool = True,
     ) -> LedgerCharge:
         """Validate, check the budget, and append one charge (in ``session`` if given).
+
+        ``enforce_budget=False`` records a release that has *already happened*
+        (e.g. a round whose dropouts left less noise than planned) even if it
+        crosses the budget: the ledger must never under-count what was released.
+        The crossing is logged, and the next round's budget check then stops the run.
 
         Raises
         ------
         PrivacyBudgetError
-            The charge would exceed ``budget_epsilon``; nothing is written.
+            The charge would exceed ``budget_epsilon`` (and ``enforce_budget``); nothing is written.
         StoreError
             This (run, institution, data, round, mechanism) is already charged.
         """
@@ -260,9 +268,15 @@ class PrivacyLedger:
                 data_id=data_id,
                 event=event,
                 delta=delta,
-                budget_epsilon=budget_epsilon,
+                budget_epsilon=budget_epsilon if enforce_budget else None,
                 session=s,
             )
+            if not enforce_budget and budget_epsilon is not None and after.epsilon > budget_epsilon * (1 + 1e-9):
+                logger.warning(
+                    "Round %d of run %s took institution '%s' to ε = %.4g, past its budget ε = %.4g (the release "
+                    "had already happened, so it is recorded); no further round will be started.",
+                    round, run_id, institution, after.epsilon, budget_epsilon,
+                )
             row = PrivacyLedgerRow(
                 run_id=run_id,
                 institution=institution,

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from dp_accounting import dp_event as dpe
 
-from consortium.models import FeatureStats
 from consortium.privacy.accounting import check_noise_multiplier, check_positive
+
+if TYPE_CHECKING:  # consortium.models imports torch; a node's statistics handler must not need it
+    from consortium.models import FeatureStats
 
 __all__ = ["PrivateStatsSpec", "combine_noisy", "noisy_stats"]
 
@@ -78,7 +81,12 @@ def noisy_stats(
 
 
 def combine_noisy(parts: Sequence[np.ndarray]) -> FeatureStats:
-    """Pool the institutions' noisy vectors, repairing what noise can break (post-processing only)."""
+    """Pool the institutions' noisy vectors, repairing what noise can break (post-processing only).
+
+    A single vector that is already the sum (e.g. from secure aggregation) is pooled as ``[total]``.
+    """
+    from consortium.models import FeatureStats  # noqa: PLC0415
+
     flat = np.sum(np.stack(parts), axis=0)
     d = (flat.shape[0] - 2) // 2
     count = max(float(flat[0]), 2.0)

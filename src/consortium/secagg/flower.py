@@ -66,6 +66,7 @@ from consortium.secagg.quantize import NoiseFn
 
 __all__ = [
     "SECAGG_ARRAYS",
+    "NoiseFor",
     "SECAGG_RECORD",
     "SecAggAbort",
     "SecAggConfig",
@@ -262,9 +263,14 @@ def _train_outputs(reply: Message) -> tuple[list[np.ndarray], float, dict[str, f
     return delta, float(metrics_record[WEIGHT_KEY]), metrics  # type: ignore[arg-type]
 
 
+NoiseFor = Callable[[Message], "NoiseFn | None"]
+"""``noise_for(train_message) -> NoiseFn | None``: the noise hook a round's own message asks for."""
+
+
 def make_secagg_mod(
     *,
     noise_fn: NoiseFn | None = None,
+    noise_for: NoiseFor | None = None,
     rng_factory: Callable[[], np.random.Generator] | None = None,
 ) -> Mod:
     """Build the institution-side secure-aggregation mod.
@@ -275,6 +281,11 @@ def make_secagg_mod(
         Privacy hook: integer noise added to the encoded contribution before
         masking (``noise_fn(segment, shape, scale, rng)``), e.g. a share of a
         distributed discrete Gaussian.
+    noise_for : NoiseFor, optional
+        Resolves the hook per round from the stage-0 (training) message, so that
+        noise parameters travel with the round's config instead of being fixed
+        when the ClientApp is built; it is called before training (a bad request
+        fails early) and its ``None`` falls back to ``noise_fn``.
     rng_factory : callable, optional
         Source of the rounding/noise generator; default a fresh
         ``numpy.random.default_rng`` seeded with 128 bits from the OS CSPRNG.
@@ -295,7 +306,8 @@ def make_secagg_mod(
             stage = stage_of(record)
             stage_label = stage.label
             if stage is Stage.ADVERTISE_KEYS:
-                reply_record = _advertise(msg, context, call_next, record, noise_fn, make_rng())
+                round_noise = (noise_for(msg) if noise_for is not None else None) or noise_fn
+                reply_record = _advertise(msg, context, call_next, record, round_noise, make_rng())
                 if isinstance(reply_record, Message):
                     return reply_record  # the train handler's own error reply
             else:
@@ -353,6 +365,9 @@ def _advertise(
     delta, num_examples, metrics = _train_outputs(reply)
     contribution = build_contribution(delta, num_examples=num_examples, metrics=metrics, spec=spec)
     encoded = plan.encode(contribution.values, rng=rng, noise_fn=noise_fn, overwrite=True)
+    if noise_fn is not None:
+        logger.info("Round %s: privacy noise added to the encoded contribution before masking (%d coordinate(s) "
+                    "clipped to the encodable range).", setup.round_id, encoded.noise_clipped)
     session = ClientSession.start(node_id=node_id, setup=setup, encoded=encoded.values, institution=institution)
     advert = session.advertise()
     _save_session(context, session, Stage.ADVERTISE_KEYS)
