@@ -1,7 +1,8 @@
 """Privacy audit: membership-inference AUC (loss threshold, offline LiRA) and canary ε lower bounds vs ε.
 
 In-process federated training (the configurations of ``privacy_utility.py``: 5 IID
-institutions, record-level DP-SGD at δ = 1e-5) without DP and at ε ∈ {1, 8}.
+institutions, its headline record-level mechanism ``dpsgd-secagg``, δ = 1e-5)
+without DP and at ε ∈ {1, 8}.
 Membership audit of institution 1's training rows against 30 % of its rows held
 back from training; LiRA's shadows are the same federated recipe trained on the
 holdout (public data, never audited). Canary audit: 200 canaries inserted into
@@ -20,19 +21,28 @@ from typing import Any
 import numpy as np
 import torch
 from _common import RESULTS_DIR, environment, parser, write_results
-from privacy_utility import DELTA, NONPRIVATE, RECORD, make_parts
+from privacy_utility import DELTA, HEADLINE, NONPRIVATE, SECAGG, STATS_BOUND, make_parts
 
 from consortium.privacy.audit_canary import canary_audit
 from consortium.privacy.audit_run import membership_audit
 from consortium.privacy.inprocess import InProcessConfig, train_private_federated
+from consortium.privacy.stats import PrivateStatsSpec
 
 logger = logging.getLogger("benchmarks.privacy_audit")
 
 
-def _config(eps: float | None, seed: int) -> InProcessConfig:
+def _config(eps: float | None, seed: int, dataset: str) -> InProcessConfig:
+    """The non-private reference, or the utility benchmark's headline record-level mechanism at ``eps``."""
     if eps is None:
         return InProcessConfig(mode="none", seed=seed, **NONPRIVATE)  # type: ignore[arg-type]
-    return InProcessConfig(mode="dpsgd", target_epsilon=eps, delta=DELTA, seed=seed, **RECORD)  # type: ignore[arg-type]
+    return InProcessConfig(
+        mode=HEADLINE,  # type: ignore[arg-type]
+        target_epsilon=eps,
+        delta=DELTA,
+        seed=seed,
+        stats=PrivateStatsSpec(bound=STATS_BOUND.get(dataset, 1.0)),
+        **SECAGG,  # type: ignore[arg-type]
+    )
 
 
 def audit_one(parts: list, holdout: Any, cfg: InProcessConfig, *, n_shadows: int, n_canaries: int) -> dict[str, Any]:
@@ -91,7 +101,7 @@ def main() -> None:
         for name in datasets:
             parts, holdout = make_parts(name, 5, seed, args.quick)
             for eps in (None, 8.0, 1.0):
-                r = audit_one(parts, holdout, _config(eps, seed), n_shadows=n_shadows, n_canaries=n_canaries)
+                r = audit_one(parts, holdout, _config(eps, seed, name), n_shadows=n_shadows, n_canaries=n_canaries)
                 rows.append({"dataset": name, "seed": seed, "epsilon": eps, **r})
                 logger.info(
                     "%s seed %d ε=%s: loss AUC %.3f, LiRA AUC %.3f, canary AUC %.3f, ε_lower %.3f/%.3f (%.0fs)",
