@@ -87,7 +87,7 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
     if mode == "dpsgd-secagg":
         return _dpsgd_secagg_reply(model, X, split.train.y, cfg)
     if mode == "dpsgd":
-        result = _dp_sgd(model, X, split.train.y, cfg, seed=tc.seed)
+        result = _dp_sgd(model, X, split.train.y, cfg)
     else:
         if mode in INSTITUTION_DP_MODES and tc.loss == "weighted_bce":
             # No pooled class weight in DP-FedAvg (it would need its own release): weight locally;
@@ -107,8 +107,14 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
     )
 
 
-def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRecord, *, seed: int) -> TrainResult:  # noqa: N803
-    """Record-level DP-SGD with the coordinator's accounted parameters (see consortium.privacy.dpsgd)."""
+def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRecord) -> TrainResult:  # noqa: N803
+    """Record-level DP-SGD with the coordinator's accounted parameters (see consortium.privacy.dpsgd).
+
+    Sampling and noise are seeded from this institution's OS entropy, never from the
+    run's public seed: a coordinator that could regenerate the noise could subtract it.
+    """
+    import secrets  # noqa: PLC0415
+
     from consortium.privacy.dpsgd import dp_sgd_train  # noqa: PLC0415
     from consortium.privacy.mechanisms import DpSgdMechanism  # noqa: PLC0415
 
@@ -120,7 +126,7 @@ def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRec
     )
     out = dp_sgd_train(
         model, X, y, mechanism=mech, lr=float(_scalar(cfg, "dp-lr")),
-        negative_ratio=float(_scalar(cfg, "dp-negative-ratio", 1.0)), seed=seed,
+        negative_ratio=float(_scalar(cfg, "dp-negative-ratio", 1.0)), seed=secrets.randbits(63),
         optimizer="sgd",
     )
     # The unnoised training loss is not DP: it is not reported (0 stands in).
