@@ -31,7 +31,7 @@ from consortium.federation.coordinator import Coordinator
 from consortium.federation.secure_transport import SecureTransport
 from consortium.models import Standardizer, build_model, get_parameters, predict_scores, set_parameters
 from consortium.privacy.dpsgd import clip_and_sum, per_row_gradients
-from consortium.privacy.dpsgd_secagg_run import DATA_BOUND_CLIPS, rounding_tv
+from consortium.privacy.dpsgd_secagg_run import DATA_BOUND_CLIPS, SecAggDpSgdRunPrivacy, rounding_tv
 from consortium.privacy.ledger import PrivacyBudgetError, PrivacyLedger
 from consortium.registry import RunStore
 from consortium.secagg.inprocess import InProcessGrid
@@ -216,6 +216,15 @@ def test_bad_dpsgd_secagg_settings_are_refused_before_training(tmp_path: Path) -
     out = CliRunner().invoke(main, ["simulate", "--institutions", "2", "--transactions", "1000", "--dp",
                                     "dpsgd-secagg", "--dp-local-steps", "2", "--dp-noise-multiplier", "1"])
     assert out.exit_code == 2 and "dp_local_steps" in out.output
+    # 50 institutions with q·N = 7.5e5: a share's noise std is only ~4 integer steps; refused before training.
+    store = RunStore(f"sqlite:///{tmp_path}/plan.db")
+    with pytest.raises(ConfigError, match="encoding would add δ"):
+        SecAggDpSgdRunPrivacy.plan(
+            _config(tmp_path, dp_sampling_rate=0.3, dp_noise_multiplier=1.0), store=store,
+            data_ids={f"bank_{i}": f"d{i}" for i in range(50)}, rows_per_institution=5e4, positive_rate=0.1,
+            reference=[np.zeros(100)],
+        )
+    store.close()
     # The rounding's total variation: nothing for one share or noise of many steps, large for a coarse encoding.
     assert rounding_tv(0.2, 1) == 0.0 and rounding_tv(50.0, 3) == 0.0
     assert rounding_tv(0.3, 3) == 1.0 and rounding_tv(3.0, 3) < 1e-20 < rounding_tv(1.0, 3) < 1e-2

@@ -49,7 +49,7 @@ from consortium.errors import ConfigError
 from consortium.federation.aggregation import AggregateResult
 from consortium.federation.config import FederationConfig
 from consortium.federation.transport import UpdateBounds
-from consortium.privacy.accounting import compose, estimate
+from consortium.privacy.accounting import PrivacyEstimate, compose, estimate
 from consortium.privacy.federated import RoundPlan, RunPrivacy
 from consortium.privacy.mechanisms import DistributedDpSgdMechanism, DpSgdMechanism
 
@@ -128,7 +128,7 @@ class SecAggDpSgdRunPrivacy(RunPrivacy):
             participants=institutions,
         )
 
-    def prepare(self, *, rows_per_institution: float, reference: Sequence[Any], planned: Any) -> None:
+    def prepare(self, *, rows_per_institution: float, reference: Sequence[Any], planned: PrivacyEstimate) -> None:
         """Fix ``q·N`` and the encoding; refuse an encoding too coarse for the noise."""
         mech = self.distributed
         total_rows = max(float(rows_per_institution), 0.0) * mech.participants

@@ -37,7 +37,14 @@ from consortium.errors import ConfigError
 from consortium.federation.aggregation import AggregateResult
 from consortium.federation.config import INSTITUTION_DP_MODES, RECORD_DP_MODES, FederationConfig
 from consortium.federation.transport import UpdateBounds
-from consortium.privacy.accounting import calibrate_noise_multiplier, check_delta, compose, default_delta, estimate
+from consortium.privacy.accounting import (
+    PrivacyEstimate,
+    calibrate_noise_multiplier,
+    check_delta,
+    compose,
+    default_delta,
+    estimate,
+)
 from consortium.privacy.dpsgd import negative_clip_ratio
 from consortium.privacy.ledger import PrivacyLedger
 from consortium.privacy.mechanisms import DpSgdMechanism
@@ -252,7 +259,7 @@ class RunPrivacy:
         plan.prepare(rows_per_institution=rows_per_institution, reference=reference, planned=planned)
         return plan
 
-    def prepare(self, *, rows_per_institution: float, reference: Sequence[Any], planned: Any) -> None:
+    def prepare(self, *, rows_per_institution: float, reference: Sequence[Any], planned: PrivacyEstimate) -> None:
         """Subclasses' set-up after calibration (``planned``: the run's planned PrivacyEstimate)."""
 
     def describe(self) -> dict[str, Any]:
