@@ -13,6 +13,10 @@ What leaves the institution, per message type:
   :mod:`consortium.secagg`). In DP-FedAvg runs the delta is clipped and, under
   secure aggregation, this node adds its share of Skellam noise before masking
   (parameters from the round's config: :mod:`consortium.privacy.distributed`).
+  In ``dpsgd-secagg`` runs it is instead one DP-SGD step's clipped gradient sum
+  over a Poisson sample of the rows, divided by the public ``q·N``, with this
+  node's Gaussian share of the noise (weight 1, no loss), and only ever masked
+  (:mod:`consortium.privacy.dpsgd_secagg_run`).
 * ``query.gbdtbins`` / ``query.gbdtlevel`` - federated boosting: fine-grid cell
   counts and per-node gradient/hessian/count histograms, summed like ``train``
   (see :mod:`consortium.federation.gbdt_protocol`).

@@ -23,8 +23,10 @@ ModelKind = Literal["mlp", "autoencoder", "gbdt"]
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam")
 MODEL_KINDS: tuple[str, ...] = ("mlp", "autoencoder", "gbdt")
 LOSSES: tuple[str, ...] = ("weighted_bce", "focal", "bce")
-DP_MODES: tuple[str, ...] = ("none", "dpsgd", "dpfedavg", "dpfedavg-adaptive")
+DP_MODES: tuple[str, ...] = ("none", "dpsgd", "dpsgd-secagg", "dpfedavg", "dpfedavg-adaptive")
 """Privacy modes of a coordinator run (see :mod:`consortium.privacy.federated`)."""
+RECORD_DP_MODES: tuple[str, ...] = ("dpsgd", "dpsgd-secagg")
+"""Modes that protect one training row (DP-SGD, with private standardisation statistics)."""
 INSTITUTION_DP_MODES: tuple[str, ...] = ("dpfedavg", "dpfedavg-adaptive")
 """Modes that protect a whole institution (DP-FedAvg) rather than one record."""
 
@@ -107,10 +109,15 @@ class FederationConfig:
         Continue an interrupted run from its last completed round: a run id,
         or ``"latest"`` for the newest unfinished run named ``run_name``
         (``""``: start a new run).
-    dp : {"none", "dpsgd", "dpfedavg", "dpfedavg-adaptive"}
+    dp : {"none", "dpsgd", "dpsgd-secagg", "dpfedavg", "dpfedavg-adaptive"}
         Differential privacy, accounted and charged to the privacy ledger (see
         :mod:`consortium.privacy`): ``dpsgd`` = record-level DP-SGD in every
-        institution, with private standardisation statistics; ``dpfedavg`` =
+        institution, with private standardisation statistics; ``dpsgd-secagg`` =
+        record-level DP-SGD of *one* global model whose noise the institutions
+        add in ``1/k`` shares under secure aggregation (every round is one
+        DP-SGD step over the union of the rows: needs secure aggregation,
+        ``dp_local_steps == 1`` and ``fraction_train == 1``; see
+        :mod:`consortium.privacy.dpsgd_secagg_run`); ``dpfedavg`` =
         institution-level DP-FedAvg (each update clipped to ``update_clip``; under
         secure aggregation every institution adds its share of Skellam noise
         before masking, else the coordinator adds Gaussian noise);
@@ -124,10 +131,11 @@ class FederationConfig:
         rows per institution for ``dpsgd``, institutions for ``dpfedavg*``).
     dp_noise_multiplier, dp_clip, dp_sampling_rate, dp_local_steps, dp_lr :
         DP-SGD's σ (when no target ε), per-row clip C, Poisson rate q, noisy
-        steps per round and SGD step size. DP-FedAvg uses ``dp_noise_multiplier``
+        steps per round and SGD step size (``dpsgd-secagg``: the coordinator's
+        step on the noisy gradient, one step per round). DP-FedAvg uses ``dp_noise_multiplier``
         as σ of the update sum in units of ``update_clip``.
     dp_stats_noise_multiplier, dp_stats_bound :
-        ``dpsgd``: σ of each of the four private statistics queries and the public
+        ``dpsgd*``: σ of each of the four private statistics queries and the public
         per-feature bound the statistics clip to (see :mod:`consortium.privacy.stats`).
     update_clip : float
         ``dpfedavg*``: L2 bound C on one institution's model update (initial bound
@@ -271,6 +279,8 @@ class FederationConfig:
             )
         if self.dp_local_steps < 1:
             raise param_error("dp_local_steps", owner, "an int >= 1", self.dp_local_steps)
+        if self.dp == "dpsgd-secagg":
+            self._check_distributed_dpsgd(owner)
         if not self.dp_lr > 0:
             raise param_error("dp_lr", owner, "a float > 0", self.dp_lr)
         if not self.dp_stats_noise_multiplier > 0:
@@ -280,6 +290,28 @@ class FederationConfig:
         if not self.dp_stats_bound > 0:
             raise param_error("dp_stats_bound", owner, "a float > 0 (public feature range of the statistics)",
                               self.dp_stats_bound)
+
+    def _check_distributed_dpsgd(self, owner: str) -> None:
+        """``dpsgd-secagg``: each round is one DP-SGD step whose noise exists only in the secure sum."""
+        if not self.secure_aggregation:
+            raise param_error(
+                "secure_aggregation", owner,
+                "True with dp='dpsgd-secagg' (each institution adds only 1/k of the noise variance: without "
+                "secure aggregation the coordinator would see shares that are not private; use dp='dpsgd' "
+                "to train without it)", self.secure_aggregation,
+            )
+        if self.dp_local_steps != 1:
+            raise param_error(
+                "dp_local_steps", owner,
+                "1 with dp='dpsgd-secagg' (every DP-SGD step is one secure round: set num_rounds to the "
+                "number of steps)", self.dp_local_steps,
+            )
+        if self.fraction_train != 1:
+            raise param_error(
+                "fraction_train", owner,
+                "1.0 with dp='dpsgd-secagg' (every institution adds its noise share in every step)",
+                self.fraction_train,
+            )
 
     def _check_institution_privacy(self, owner: str) -> None:
         """DP-FedAvg: one bounded, unweighted update per institution, summed with noise."""

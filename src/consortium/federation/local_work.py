@@ -84,8 +84,10 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
         seed=int(_scalar(cfg, "seed", 0)) * 1000 + int(_scalar(cfg, "server-round", 0)),
     )
     mode = str(_scalar(cfg, "dp", "none"))
+    if mode == "dpsgd-secagg":
+        return _dpsgd_secagg_reply(model, X, split.train.y, cfg)
     if mode == "dpsgd":
-        result = _dp_sgd(model, X, split.train.y, cfg, seed=tc.seed)
+        result = _dp_sgd(model, X, split.train.y, cfg)
     else:
         if mode in INSTITUTION_DP_MODES and tc.loss == "weighted_bce":
             # No pooled class weight in DP-FedAvg (it would need its own release): weight locally;
@@ -105,8 +107,14 @@ def train_reply(split: InstitutionSplit, content: RecordDict) -> RecordDict:
     )
 
 
-def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRecord, *, seed: int) -> TrainResult:  # noqa: N803
-    """Record-level DP-SGD with the coordinator's accounted parameters (see consortium.privacy.dpsgd)."""
+def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRecord) -> TrainResult:  # noqa: N803
+    """Record-level DP-SGD with the coordinator's accounted parameters (see consortium.privacy.dpsgd).
+
+    Sampling and noise are seeded from this institution's OS entropy, never from the
+    run's public seed: a coordinator that could regenerate the noise could subtract it.
+    """
+    import secrets  # noqa: PLC0415
+
     from consortium.privacy.dpsgd import dp_sgd_train  # noqa: PLC0415
     from consortium.privacy.mechanisms import DpSgdMechanism  # noqa: PLC0415
 
@@ -118,11 +126,47 @@ def _dp_sgd(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRec
     )
     out = dp_sgd_train(
         model, X, y, mechanism=mech, lr=float(_scalar(cfg, "dp-lr")),
-        negative_ratio=float(_scalar(cfg, "dp-negative-ratio", 1.0)), seed=seed,
+        negative_ratio=float(_scalar(cfg, "dp-negative-ratio", 1.0)), seed=secrets.randbits(63),
         optimizer="sgd",
     )
     # The unnoised training loss is not DP: it is not reported (0 stands in).
     return TrainResult(num_examples=int(X.shape[0]), steps=out.steps, mean_loss=0.0)
+
+
+def _dpsgd_secagg_reply(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: ConfigRecord) -> RecordDict:  # noqa: N803
+    """``dpsgd-secagg``: one DP-SGD step's noisy share at the global model, weight 1, no metric.
+
+    Sampling and noise come from this institution's own OS entropy: the coordinator
+    must not be able to reproduce (and subtract) them.  The share only ever leaves
+    inside the secure sum (the coordinator refuses this mode without it).
+    """
+    import secrets  # noqa: PLC0415
+
+    from consortium.privacy.distributed_dpsgd import secagg_share  # noqa: PLC0415
+    from consortium.privacy.mechanisms import DistributedDpSgdMechanism  # noqa: PLC0415
+
+    if int(_scalar(cfg, "dp-local-steps", 1)) != 1:
+        raise ConfigError("dpsgd-secagg takes exactly one DP-SGD step per secure round; the round asks for more.")
+    mech = DistributedDpSgdMechanism(
+        noise_multiplier=float(_scalar(cfg, "dp-noise-multiplier")),
+        clip_norm=float(_scalar(cfg, "dp-clip")),
+        sampling_rate=float(_scalar(cfg, "dp-sampling-rate")),
+        steps_per_round=1,
+        participants=int(_scalar(cfg, "dp-participants")),
+    )
+    model.eval()  # per-row gradients must depend on their row only
+    share = secagg_share(
+        model,
+        torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)),
+        torch.as_tensor(np.asarray(y, dtype=np.float32)),
+        mechanism=mech,
+        negative_ratio=float(_scalar(cfg, "dp-negative-ratio", 1.0)),
+        expected_batch=float(_scalar(cfg, "dp-expected-batch")),
+        data_bound=float(_scalar(cfg, "dp-data-bound")),
+        generator=torch.Generator().manual_seed(secrets.randbits(63)),
+        rng=np.random.default_rng(secrets.randbits(128)),
+    )
+    return RecordDict({m.UPDATE: ArrayRecord.from_numpy_ndarrays(share), m.METRICS: MetricRecord({m.WEIGHT: 1})})
 
 
 def _dp_fedavg_reply(delta: list[np.ndarray], cfg: ConfigRecord) -> RecordDict:

@@ -30,9 +30,10 @@ TRAIN_LOSS_BOUND = 1_000.0
 def update_config(config: FederationConfig, bounds: UpdateBounds | None = None) -> SecAggConfig:
     """Secure-aggregation parameters of a training round (``bounds``: set by institution-level DP)."""
     if bounds is not None:
+        coordinate = config.coordinate_bound if bounds.coordinate_bound is None else bounds.coordinate_bound
         return SecAggConfig(
             clip_norm=bounds.clip_norm,
-            coordinate_bound=min(config.coordinate_bound, bounds.clip_norm),
+            coordinate_bound=min(coordinate, bounds.clip_norm),
             weight_cap=bounds.weight_cap,
             metric_bounds=dict(bounds.metric_bounds),
             noise_headroom=bounds.noise_headroom,

@@ -48,6 +48,10 @@ class UpdateBounds:
     modulus_bits : int, optional
         Bits of the secure-aggregation encoding (default the maximum); the privacy
         layer lowers it to keep the integer noise in the range its sampler is exact.
+    coordinate_bound : float, optional
+        Bound on each coordinate of a contribution, replacing the config's
+        ``coordinate_bound`` (at most ``clip_norm``); set when the contribution
+        already carries its noise (``dpsgd-secagg``) and the encoding must hold it.
     """
 
     clip_norm: float
@@ -55,6 +59,7 @@ class UpdateBounds:
     noise_headroom: float = 0.0
     metric_bounds: Mapping[str, float] = field(default_factory=dict)
     modulus_bits: int | None = None
+    coordinate_bound: float | None = None
 
 
 class Transport(ABC):

@@ -161,7 +161,9 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--dp``, ``--target-epsilon``, ``--delta``, ``--budget-epsilon`` and the mechanisms' options.
 
     They are passed on as ``dp_settings``, :class:`~consortium.federation.config.FederationConfig`
-    keyword arguments, so every value is validated there before any training.
+    keyword arguments, so every value is validated there before any training.  The DP-SGD
+    options left unset keep the config's defaults, except ``--dp-local-steps`` under
+    ``dpsgd-secagg``, which is 1 (one DP-SGD step per secure round; the only value it accepts).
     """
     from consortium.federation.config import DP_MODES, FederationConfig  # noqa: PLC0415
 
@@ -173,7 +175,9 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         default="none",
         show_default=True,
         help="Differential privacy: none; dpsgd = record-level DP-SGD in every institution (private "
-        "standardisation statistics); dpfedavg = institution-level DP-FedAvg (distributed Skellam noise under "
+        "standardisation statistics); dpsgd-secagg = record-level DP-SGD of one global model, each round one step "
+        "whose noise the institutions add in 1/k shares under secure aggregation; dpfedavg = institution-level "
+        "DP-FedAvg (distributed Skellam noise under "
         "secure aggregation, else central Gaussian); dpfedavg-adaptive = the same with adaptive clipping.",
     )
     @click.option(
@@ -194,6 +198,15 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         help="Per-institution ε budget across runs on the same data (0 = none).",
     )
+    @click.option("--dp-clip", type=float, default=None,
+                  help=f"dpsgd*: per-row gradient L2 bound C [default: {defaults.dp_clip:g}].")
+    @click.option("--dp-sampling-rate", type=float, default=None,
+                  help=f"dpsgd*: Poisson sampling rate q of rows per step [default: {defaults.dp_sampling_rate:g}].")
+    @click.option("--dp-local-steps", type=int, default=None,
+                  help=f"dpsgd: noisy steps per round [default: {defaults.dp_local_steps}; dpsgd-secagg: 1, the "
+                  "only value it accepts].")
+    @click.option("--dp-lr", type=float, default=None,
+                  help=f"dpsgd*: SGD step size on the noisy gradient [default: {defaults.dp_lr:g}].")
     @click.option("--update-clip", type=float, default=defaults.update_clip, show_default=True,
                   help="dpfedavg*: L2 bound C on one institution's update (initial bound when adaptive).")
     @click.option("--clip-quantile", type=float, default=defaults.clip_quantile, show_default=True,
@@ -220,6 +233,10 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         count_noise_multiplier: float,
         stats_noise_multiplier: float,
         stats_bound: float,
+        dp_clip: float | None,
+        dp_sampling_rate: float | None,
+        dp_local_steps: int | None,
+        dp_lr: float | None,
         **kwargs: Any,
     ) -> Any:
         settings = {
@@ -235,6 +252,12 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "dp_stats_noise_multiplier": stats_noise_multiplier,
             "dp_stats_bound": stats_bound,
         }
+        if dp_local_steps is None and dp == "dpsgd-secagg":
+            dp_local_steps = 1
+        for name, value in (("dp_clip", dp_clip), ("dp_sampling_rate", dp_sampling_rate),
+                            ("dp_local_steps", dp_local_steps), ("dp_lr", dp_lr)):
+            if value is not None:
+                settings[name] = value
         return fn(*args, dp_settings=settings, **kwargs)
 
     return wrapper

@@ -32,7 +32,38 @@ from consortium.errors import param_error
 from consortium.privacy.dpsgd import PerRowGradients, clip_and_sum, per_row_gradients
 from consortium.privacy.mechanisms import DistributedDpSgdMechanism
 
-__all__ = ["apply_noisy_sum", "institution_share"]
+__all__ = ["apply_noisy_sum", "clipped_share", "institution_share", "secagg_share"]
+
+
+def clipped_share(
+    model: nn.Module,
+    X: torch.Tensor,  # noqa: N803
+    y: torch.Tensor,
+    *,
+    mechanism: DistributedDpSgdMechanism,
+    negative_ratio: float,
+    generator: torch.Generator,
+    per_row_grad: PerRowGradients | None = None,
+) -> list[torch.Tensor]:
+    """One institution's clipped gradient sum over a Poisson sample of its rows, *before* its noise.
+
+    Never released as is: :func:`institution_share` adds the Gaussian share, and the
+    coordinator's node code (:mod:`consortium.privacy.dpsgd_secagg_run`) adds it in float64.
+    Arguments as :func:`institution_share`.
+    """
+    if not 0 < negative_ratio <= 1:
+        raise param_error("negative_ratio", "institution_share", "a float in (0, 1]", negative_ratio)
+    fn = per_row_grad or per_row_gradients(model)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    clip = mechanism.clip_norm
+    idx = torch.nonzero(torch.rand(X.shape[0], generator=generator) < mechanism.sampling_rate).squeeze(1)
+    if idx.numel() == 0:
+        return [torch.zeros_like(params[k]) for k in names]
+    ys = y[idx]
+    bound = torch.where(ys > 0.5, torch.tensor(clip), torch.tensor(clip * negative_ratio))
+    summed, _ = clip_and_sum(fn(params, X[idx], ys), bound)
+    return [summed[k] for k in names]
 
 
 def institution_share(
@@ -67,22 +98,56 @@ def institution_share(
     list of Tensor
         One tensor per trainable parameter, in ``model.named_parameters()`` order.
     """
-    if not 0 < negative_ratio <= 1:
-        raise param_error("negative_ratio", "institution_share", "a float in (0, 1]", negative_ratio)
-    fn = per_row_grad or per_row_gradients(model)
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    clip = mechanism.clip_norm
-    idx = torch.nonzero(torch.rand(X.shape[0], generator=generator) < mechanism.sampling_rate).squeeze(1)
-    if idx.numel() > 0:
-        ys = y[idx]
-        bound = torch.where(ys > 0.5, torch.tensor(clip), torch.tensor(clip * negative_ratio))
-        summed, _ = clip_and_sum(fn(params, X[idx], ys), bound)
-        out = [summed[k] for k in names]
-    else:
-        out = [torch.zeros_like(params[k]) for k in names]
+    out = clipped_share(
+        model, X, y, mechanism=mechanism, negative_ratio=negative_ratio, generator=generator,
+        per_row_grad=per_row_grad,
+    )
     std = mechanism.share_std()
     return [s + torch.normal(0.0, std, size=s.shape, generator=generator) for s in out]
+
+
+def secagg_share(
+    model: nn.Module,
+    X: torch.Tensor,  # noqa: N803
+    y: torch.Tensor,
+    *,
+    mechanism: DistributedDpSgdMechanism,
+    negative_ratio: float,
+    expected_batch: float,
+    data_bound: float,
+    generator: torch.Generator,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """What one institution sends into the secure sum of a coordinator run: its share, divided by ``q · N``.
+
+    The clipped sum (:func:`clipped_share`) divided by the public ``expected_batch``
+    and projected onto the L2 ball of radius ``data_bound`` (a projection is
+    1-Lipschitz, so one row still moves it by at most ``C / expected_batch``), plus
+    Gaussian noise of std ``share_std() / expected_batch`` drawn in float64 (its grid
+    is far finer than the secure-aggregation encoding the share then goes through).
+
+    Parameters
+    ----------
+    generator : torch.Generator
+        Source of the Poisson sampling (the institution's own, secret).
+    rng : numpy.random.Generator
+        Source of the noise (the institution's own, secret).
+    Other parameters as :func:`institution_share`.
+    """
+    owner = "secagg_share"
+    if not np.isfinite(expected_batch) or expected_batch <= 0:
+        raise param_error("expected_batch", owner, "a finite float > 0", expected_batch)
+    if not np.isfinite(data_bound) or data_bound <= 0:
+        raise param_error("data_bound", owner, "a finite float > 0", data_bound)
+    parts = clipped_share(
+        model, X, y, mechanism=mechanism, negative_ratio=negative_ratio, generator=generator,
+    )
+    data = [p.detach().cpu().numpy().astype(np.float64) / expected_batch for p in parts]
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in data)))
+    if norm > data_bound:
+        data = [d * (data_bound / norm) for d in data]
+    std = mechanism.share_std() / expected_batch
+    return [d + rng.normal(0.0, std, size=d.shape) for d in data]
 
 
 def apply_noisy_sum(

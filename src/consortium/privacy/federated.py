@@ -16,7 +16,10 @@ talks to it through the same few calls whatever the mechanism:
 :class:`RunPrivacy` is record-level DP-SGD with private standardisation
 statistics (:mod:`consortium.privacy.stats`), whose cost is charged to the ledger
 as round 0 and composed with the DP-SGD steps (also when calibrating σ to
-``target_epsilon``).  Institution-level DP-FedAvg is
+``target_epsilon``).  Its subclass
+:class:`consortium.privacy.dpsgd_secagg_run.SecAggDpSgdRunPrivacy` (``dpsgd-secagg``)
+is one global DP-SGD step per round with the noise split across the institutions
+under secure aggregation.  Institution-level DP-FedAvg is
 :class:`consortium.privacy.fedavg_run.FedAvgRunPrivacy`.
 """
 
@@ -25,16 +28,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 from dp_accounting import dp_event as dpe
 from sqlalchemy.orm import Session
 
 from consortium.errors import ConfigError
 from consortium.federation.aggregation import AggregateResult
-from consortium.federation.config import INSTITUTION_DP_MODES, FederationConfig
+from consortium.federation.config import INSTITUTION_DP_MODES, RECORD_DP_MODES, FederationConfig
 from consortium.federation.transport import UpdateBounds
-from consortium.privacy.accounting import calibrate_noise_multiplier, check_delta, compose, default_delta, estimate
+from consortium.privacy.accounting import (
+    PrivacyEstimate,
+    calibrate_noise_multiplier,
+    check_delta,
+    compose,
+    default_delta,
+    estimate,
+)
 from consortium.privacy.dpsgd import negative_clip_ratio
 from consortium.privacy.ledger import PrivacyLedger
 from consortium.privacy.mechanisms import DpSgdMechanism
@@ -108,9 +118,14 @@ def plan_privacy(
         from consortium.privacy.fedavg_run import FedAvgRunPrivacy  # noqa: PLC0415
 
         return FedAvgRunPrivacy.plan(config, store=store, data_ids=data_ids, reference=reference)
-    return RunPrivacy.plan(
+    cls = RunPrivacy
+    if config.dp == "dpsgd-secagg":
+        from consortium.privacy.dpsgd_secagg_run import SecAggDpSgdRunPrivacy  # noqa: PLC0415
+
+        cls = SecAggDpSgdRunPrivacy
+    return cls.plan(
         config, store=store, data_ids=data_ids, rows_per_institution=rows_per_institution,
-        positive_rate=positive_rate,
+        positive_rate=positive_rate, reference=reference,
     )
 
 
@@ -118,8 +133,8 @@ def plan_privacy(
 
 
 def statistics_spec(config: FederationConfig) -> PrivateStatsSpec | None:
-    """The noise of the standardisation statistics: private in ``dpsgd`` mode, else None (exact sums)."""
-    if config.dp != "dpsgd":
+    """The noise of the standardisation statistics: private in ``dpsgd*`` modes, else None (exact sums)."""
+    if config.dp not in RECORD_DP_MODES:
         return None
     return PrivateStatsSpec(noise_multiplier=config.dp_stats_noise_multiplier, bound=config.dp_stats_bound)
 
@@ -168,6 +183,19 @@ class RunPrivacy:
     stats: PrivateStatsSpec | None = None
     secure_clip: float = 0.0
 
+    MODE: ClassVar[str] = "dpsgd"
+    """The ``FederationConfig.dp`` this class plans."""
+
+    @classmethod
+    def base_mechanism(cls, config: FederationConfig, *, institutions: int) -> DpSgdMechanism:
+        """The mechanism before calibration (σ from the config, or 1 as the search's start)."""
+        return DpSgdMechanism(
+            noise_multiplier=config.dp_noise_multiplier or 1.0,
+            clip_norm=config.dp_clip,
+            sampling_rate=config.dp_sampling_rate,
+            steps_per_round=config.dp_local_steps,
+        )
+
     @classmethod
     def plan(
         cls,
@@ -177,22 +205,21 @@ class RunPrivacy:
         data_ids: Mapping[str, str],
         rows_per_institution: float,
         positive_rate: float,
-    ) -> RunPrivacy:
-        """Calibrate σ so that the statistics and all rounds compose to ``target_epsilon``."""
-        if config.dp != "dpsgd":
-            raise ConfigError(f"RunPrivacy is record-level DP-SGD; got privacy mode {config.dp!r}.")
+        reference: Sequence[Any] = (),
+    ) -> Self:
+        """Calibrate σ so that the statistics and all rounds compose to ``target_epsilon``.
+
+        ``reference`` (the model's tensors) is for subclasses that size an encoding.
+        """
+        if config.dp != cls.MODE:
+            raise ConfigError(f"{cls.__name__} plans privacy mode {cls.MODE!r}; got {config.dp!r}.")
         owner = "FederationConfig"
         n = max(int(rows_per_institution), 1)
         delta = config.delta or default_delta(n)
         check_delta(delta, owner, n_protected=n)
         stats = statistics_spec(config)
         stats_event: dpe.DpEvent = stats.event() if stats is not None else dpe.NoOpDpEvent()
-        base = DpSgdMechanism(
-            noise_multiplier=config.dp_noise_multiplier or 1.0,
-            clip_norm=config.dp_clip,
-            sampling_rate=config.dp_sampling_rate,
-            steps_per_round=config.dp_local_steps,
-        )
+        base = cls.base_mechanism(config, institutions=len(data_ids))
         if config.target_epsilon > 0:
             sigma = calibrate_noise_multiplier(
                 lambda s: compose([stats_event, replace(base, noise_multiplier=s).event(config.num_rounds)]),
@@ -217,7 +244,7 @@ class RunPrivacy:
             planned.epsilon_rdp,
             delta,
         )
-        return cls(
+        plan = cls(
             mechanism=mech,
             delta=delta,
             rounds=config.num_rounds,
@@ -229,6 +256,11 @@ class RunPrivacy:
             stats=stats,
             secure_clip=config.clip_norm,
         )
+        plan.prepare(rows_per_institution=rows_per_institution, reference=reference, planned=planned)
+        return plan
+
+    def prepare(self, *, rows_per_institution: float, reference: Sequence[Any], planned: PrivacyEstimate) -> None:
+        """Subclasses' set-up after calibration (``planned``: the run's planned PrivacyEstimate)."""
 
     def describe(self) -> dict[str, Any]:
         params: dict[str, Any] = dict(self.mechanism.params())
@@ -239,7 +271,7 @@ class RunPrivacy:
     def client_config(self) -> dict[str, int | float | str]:
         """What every institution needs to run the accounted mechanism."""
         return {
-            "dp": "dpsgd",
+            "dp": self.MODE,
             "dp-noise-multiplier": self.mechanism.noise_multiplier,
             "dp-clip": self.mechanism.clip_norm,
             "dp-sampling-rate": self.mechanism.sampling_rate,

@@ -113,6 +113,10 @@ def _grouped(events: Sequence[Mapping[str, Any]]) -> dpe.DpEvent:
     return compose(parts)
 
 
+_ESTIMATE_CACHE_SIZE = 256
+"""Distinct event histories a ledger object remembers the ε of."""
+
+
 class PrivacyLedger:
     """Read and append privacy charges in a :class:`RunStore`.
 
@@ -128,6 +132,22 @@ class PrivacyLedger:
             raise param_error("store", "PrivacyLedger", "a RunStore", type(store).__name__)
         self.store = store
         store.create_missing_tables()
+        self._estimates: dict[tuple[tuple[tuple[str, int], ...], float], PrivacyEstimate] = {}
+
+    def _estimate(self, events: Sequence[Mapping[str, Any]], delta: float) -> PrivacyEstimate:
+        """ε of the composed events, remembered per ledger object (a pure function of the event multiset).
+
+        The institutions of one run share their histories, so each round's PLD
+        (about a second for Poisson-sampled Gaussians) is computed once, not once per institution.
+        """
+        key = (tuple(Counter(json.dumps(e, sort_keys=True) for e in events).items()), float(delta))
+        hit = self._estimates.get(key)
+        if hit is None:
+            hit = estimate(_grouped(events), delta)
+            if len(self._estimates) >= _ESTIMATE_CACHE_SIZE:
+                self._estimates.clear()
+            self._estimates[key] = hit
+        return hit
 
     # -- reading ---------------------------------------------------------------
 
@@ -151,7 +171,7 @@ class PrivacyLedger:
 
     def spent(self, *, institution: str, data_id: str, delta: float, session: Session | None = None) -> PrivacyEstimate:
         """ε spent so far by ``institution`` on ``data_id`` (recomposed from the ledger)."""
-        return estimate(_grouped(self.events(institution=institution, data_id=data_id, session=session)), delta)
+        return self._estimate(self.events(institution=institution, data_id=data_id, session=session), delta)
 
     def charges(self, *, institution: str | None = None, run_id: str | None = None) -> list[LedgerCharge]:
         """Stored charges, oldest first, optionally for one institution and/or run."""
@@ -189,11 +209,11 @@ class PrivacyLedger:
         owner = "PrivacyLedger.check_budget"
         check_delta(delta, owner)
         prior = self.events(institution=institution, data_id=data_id, session=session)
-        after = estimate(_grouped([*prior, event_to_dict(event)]), delta)
+        after = self._estimate([*prior, event_to_dict(event)], delta)
         if budget_epsilon is not None:
             budget = check_positive("budget_epsilon", budget_epsilon, owner)
             if after.epsilon > budget * (1 + 1e-9):
-                spent = estimate(_grouped(prior), delta).epsilon
+                spent = self._estimate(prior, delta).epsilon
                 raise PrivacyBudgetError(
                     f"Privacy budget of institution '{institution}' (data {data_id}) would be exceeded: "
                     f"spent ε = {spent:.4g} of budget ε = {budget:.4g} (δ = {delta:.3g}), remaining "
