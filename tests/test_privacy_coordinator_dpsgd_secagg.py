@@ -230,7 +230,9 @@ def test_bad_dpsgd_secagg_settings_are_refused_before_training(tmp_path: Path) -
     assert rounding_tv(0.3, 3) == 1.0 and rounding_tv(3.0, 3) < 1e-20 < rounding_tv(1.0, 3) < 1e-2
 
 
-def test_dpsgd_secagg_learns_a_separable_signal(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("hidden", "power"), [((8,), 0.5), ((), 0.0)], ids=["mlp", "logistic"])
+def test_dpsgd_secagg_learns_a_separable_signal(tmp_path: Path, hidden: tuple[int, ...], power: float) -> None:
+    """Also with the benchmark's settings: a logistic model (empty hidden) and one clip bound for both classes."""
     rng = np.random.default_rng(3)
     names = ("f0", "f1", "f2", "f3")
     parts = {}
@@ -241,11 +243,14 @@ def test_dpsgd_secagg_learns_a_separable_signal(tmp_path: Path) -> None:
     split = federate_institutions(parts, seed=3)
     root = Path(save_split(split, tmp_path / "data"))
     dirs = {node: {"data-path": str(root / n), "institution": n} for node, n in zip(NODES, split.names(), strict=True)}
-    cfg = _config(tmp_path, num_rounds=12, dp_sampling_rate=0.3, dp_lr=2.0, dp_noise_multiplier=1.0, hidden=(8,))
+    cfg = _config(tmp_path, num_rounds=12, dp_sampling_rate=0.3, dp_lr=2.0, dp_noise_multiplier=1.0, hidden=hidden,
+                  dp_negative_clip_power=power)
     coord, grid, store = _run(cfg, dirs)
     result = coord.run(grid)
     assert not grid.client_errors
-    model = build_model("mlp", 4, hidden=(8,), seed=1)
+    ratio = result.extra["privacy"]["params"]["negative_clip_ratio"]
+    assert ratio == 1.0 if power == 0 else ratio < 0.9
+    model = build_model("mlp", 4, hidden=hidden, seed=1)
     set_parameters(model, result.params)
     scores = predict_scores(model, result.standardizer.transform(split.holdout.X))
     pos, neg = scores[split.holdout.y == 1], scores[split.holdout.y == 0]

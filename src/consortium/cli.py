@@ -209,6 +209,8 @@ def _demo_report(out: Any, *, as_json: bool, dashboard: dict[str, Any] | None = 
 @click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder", "gbdt"]), default="mlp", show_default=True,
               help="gbdt: federated gradient-boosted trees (--trees, --dp-epsilon; MLP options do not apply).")
+@click.option("--hidden", default=",".join(str(h) for h in DEFAULTS.hidden), show_default=True,
+              help="Hidden layer widths, comma-separated; \"\" = logistic regression (best under DP).")
 @click.option("--trees", type=click.IntRange(1), default=200, show_default=True, help="gbdt: maximum trees.")
 @click.option("--dp-epsilon", type=float, default=None, help="gbdt: DP on the histograms at this epsilon.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
@@ -227,7 +229,7 @@ def _demo_report(out: Any, *, as_json: bool, dashboard: dict[str, Any] | None = 
 @dp_options
 def simulate(data_path: str, label_column: str, institutions: int, partition: str, alpha: float,
              transactions: int, rounds: int, local_epochs: int, lr: float, batch_size: int, model: str,
-             trees: int, dp_epsilon: float | None, strategy: str, loss: str, secure_aggregation: bool,
+             hidden: str, trees: int, dp_epsilon: float | None, strategy: str, loss: str, secure_aggregation: bool,
              baselines: bool, seed: int, store_url: str, out_dir: str | None, as_json: bool,
              dp_settings: dict[str, Any], **publish: Any) -> None:
     """Run N institutions in Flower's simulation engine on one machine."""
@@ -248,7 +250,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
         return
     config = FederationConfig(
         num_rounds=rounds, strategy=strategy, model=model, local_epochs=local_epochs, lr=lr,  # type: ignore[arg-type]
-        batch_size=batch_size, loss=loss, min_nodes=len(split.institutions),
+        hidden=_hidden_widths(hidden), batch_size=batch_size, loss=loss, min_nodes=len(split.institutions),
         secure_aggregation=secure_aggregation, store_url=store_url, run_name=f"simulate-{name}", seed=seed,
         **dp_settings,
     )
@@ -265,6 +267,15 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
     else:
         print_results_table(result)
         click.echo(f"Run store: {store_url}  (run {result.run.run_id})")
+
+
+def _hidden_widths(text: str) -> tuple[int, ...]:
+    """``"64,32"`` -> (64, 32); ``""`` -> () (logistic regression); anything else is a usage error."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated ints such as 64,32 (or \"\"), got {text!r}",
+                                 param_hint="--hidden") from None
 
 
 def _load_split(data_path: str, *, label_column: str, institutions: int, partition: str, alpha: float,
@@ -368,6 +379,8 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
               help="Institutions that must be connected before training starts.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=DEFAULTS.strategy, show_default=True)
 @click.option("--model", type=click.Choice(["mlp", "autoencoder"]), default="mlp", show_default=True)
+@click.option("--hidden", default=",".join(str(h) for h in DEFAULTS.hidden), show_default=True,
+              help="Hidden layer widths, comma-separated; \"\" = logistic regression (best under DP).")
 @click.option("--secure-aggregation/--no-secure-aggregation", default=True, show_default=True)
 @click.option("--holdout", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Optional held-out .npz the coordinator evaluates each round (trials only).")
@@ -381,7 +394,7 @@ def certs(directory: str, hosts: tuple[str, ...], days: int, overwrite: bool) ->
 @dp_options
 def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None, fleet_address: str,
                 database: str | None, rounds: int,
-                min_nodes: int, strategy: str, model: str,
+                min_nodes: int, strategy: str, model: str, hidden: str,
                 secure_aggregation: bool, holdout: str | None, store_url: str, work_dir: str,
                 timeout: float, resume: str, dp_settings: dict[str, Any], **publish: Any) -> None:
     """Run the coordinator: Flower SuperLink plus one federated run of the consortium ServerApp.
@@ -402,7 +415,7 @@ def coordinator(certs_dir: str | None, insecure: bool, enrolled_dir: str | None,
     store_abs = _absolute_sqlite(store_url)
     config = FederationConfig(
         num_rounds=rounds, strategy=strategy, model=model, min_nodes=min_nodes,  # type: ignore[arg-type]
-        secure_aggregation=secure_aggregation, store_url=store_abs, run_name="deployed",
+        hidden=_hidden_widths(hidden), secure_aggregation=secure_aggregation, store_url=store_abs, run_name="deployed",
         holdout_path=str(Path(holdout).resolve()) if holdout else "", resume=resume,
         **dp_settings,
     )

@@ -48,7 +48,8 @@ class FederationConfig:
         gradient-boosted trees (hyperparameters as ``gbdt-*`` keys in ``extra``,
         see :class:`consortium.models.gbdt.GBDTParams`).
     hidden : tuple of int
-        Hidden layer widths.
+        Hidden layer widths; empty (``--hidden ""``) makes the ``mlp`` a logistic
+        regression, which DP training favours (its noise grows with the parameter count).
     local_epochs, batch_size, lr, weight_decay, loss, focal_gamma :
         Local training options (see :class:`consortium.models.TrainConfig`).
     local_optimizer : {"adam", "sgd"}
@@ -134,6 +135,10 @@ class FederationConfig:
         steps per round and SGD step size (``dpsgd-secagg``: the coordinator's
         step on the noisy gradient, one step per round). DP-FedAvg uses ``dp_noise_multiplier``
         as σ of the update sum in units of ``update_clip``.
+    dp_negative_clip_power : float
+        DP-SGD modes: negatives are clipped to ``C·(p/(1−p))**power`` with p the
+        private positive rate (0 = one bound for both classes; the benchmark's
+        logistic settings use 0).
     dp_stats_noise_multiplier, dp_stats_bound :
         ``dpsgd*``: σ of each of the four private statistics queries and the public
         per-feature bound the statistics clip to (see :mod:`consortium.privacy.stats`).
@@ -195,6 +200,7 @@ class FederationConfig:
     budget_epsilon: float = 0.0
     dp_stats_noise_multiplier: float = 30.0
     dp_stats_bound: float = 1.0
+    dp_negative_clip_power: float = 0.5
     update_clip: float = 0.5
     clip_quantile: float = 0.5
     clip_lr: float = 0.2
@@ -209,8 +215,10 @@ class FederationConfig:
             raise param_error("strategy", owner, f"one of {STRATEGIES}", self.strategy)
         if self.model not in MODEL_KINDS:
             raise param_error("model", owner, f"one of {MODEL_KINDS}", self.model)
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise param_error("hidden", owner, "a non-empty tuple of ints >= 1", self.hidden)
+        if any(h < 1 for h in self.hidden):
+            raise param_error("hidden", owner, "a tuple of ints >= 1", self.hidden)
+        if not self.hidden and self.model == "autoencoder":
+            raise param_error("hidden", owner, "a non-empty tuple of ints >= 1 for the autoencoder", self.hidden)
         if self.local_epochs < 1:
             raise param_error("local_epochs", owner, "an int >= 1", self.local_epochs)
         if self.batch_size < 1:
@@ -287,6 +295,10 @@ class FederationConfig:
             raise param_error("dp_stats_noise_multiplier", owner,
                               "a float > 0 (the statistics are released with this noise)",
                               self.dp_stats_noise_multiplier)
+        if not 0 <= self.dp_negative_clip_power <= 1:
+            raise param_error("dp_negative_clip_power", owner,
+                              "a float in [0, 1] (0 = one clip bound for both classes, 1 = fully balanced)",
+                              self.dp_negative_clip_power)
         if not self.dp_stats_bound > 0:
             raise param_error("dp_stats_bound", owner, "a float > 0 (public feature range of the statistics)",
                               self.dp_stats_bound)

@@ -44,7 +44,8 @@ def standardizer_from(content: RecordDict) -> Standardizer:
 def model_from(content: RecordDict, n_features: int) -> tuple[torch.nn.Module, list[np.ndarray]]:
     """Build the model the config names and load the global parameters into it."""
     cfg = content.config_records[m.CONFIG]
-    hidden = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h) or None
+    # An empty list is a real choice (logistic regression), not "use the default".
+    hidden = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h)
     model = build_model(str(cfg["model"]), n_features, hidden=hidden, seed=int(_scalar(cfg, "seed", 0)))
     params = content.array_records[m.GLOBAL_ARRAYS].to_numpy_ndarrays()
     set_parameters(model, params)

@@ -217,6 +217,8 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                   show_default=True, help="dpfedavg-adaptive: noise std on the count of unclipped updates.")
     @click.option("--stats-noise-multiplier", type=float, default=defaults.dp_stats_noise_multiplier,
                   show_default=True, help="dpsgd: σ of each private standardisation statistic.")
+    @click.option("--dp-negative-clip-power", type=float, default=defaults.dp_negative_clip_power,
+                  show_default=True, help="dpsgd modes: negatives clipped to C·(p/(1-p))^power (0 = one bound).")
     @click.option("--stats-bound", type=float, default=defaults.dp_stats_bound, show_default=True,
                   help="dpsgd: public per-feature bound the private statistics clip to.")
     @wraps(fn)
@@ -233,6 +235,7 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         count_noise_multiplier: float,
         stats_noise_multiplier: float,
         stats_bound: float,
+        dp_negative_clip_power: float,
         dp_clip: float | None,
         dp_sampling_rate: float | None,
         dp_local_steps: int | None,
@@ -251,6 +254,7 @@ def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "count_noise_multiplier": count_noise_multiplier,
             "dp_stats_noise_multiplier": stats_noise_multiplier,
             "dp_stats_bound": stats_bound,
+            "dp_negative_clip_power": dp_negative_clip_power,
         }
         if dp_local_steps is None and dp == "dpsgd-secagg":
             dp_local_steps = 1

@@ -251,7 +251,7 @@ class RunPrivacy:
             ledger=PrivacyLedger(store),
             data_ids=dict(data_ids),
             budget=config.budget_epsilon or None,
-            negative_ratio=negative_clip_ratio(positive_rate),
+            negative_ratio=negative_clip_ratio(positive_rate, power=config.dp_negative_clip_power),
             lr=config.dp_lr,
             stats=stats,
             secure_clip=config.clip_norm,

@@ -53,7 +53,6 @@ from consortium.privacy.mechanisms import DistributedDpSgdMechanism, DpFedAvgMec
 from consortium.privacy.stats import PrivateStatsSpec, combine_noisy, noisy_stats
 
 logger = logging.getLogger(__name__)
-logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's RDP order warnings
 
 Mode = Literal["none", "dpsgd", "dpsgd-secagg", "dpfedavg"]
 
