@@ -305,21 +305,40 @@ class RunPrivacy:
         """Work for ``RunStore.record_round(also=...)``: one charge per institution, same transaction."""
 
         def work(session: Session) -> None:
-            for inst in institutions:
-                self.ledger.charge(
-                    run_id=run_id,
-                    institution=inst,
-                    data_id=self.data_ids.get(inst, "unknown"),
-                    round=rnd,
-                    mechanism=self.mechanism.name,
-                    event=self.mechanism.round_event(),
-                    delta=self.delta,
-                    budget_epsilon=self.budget,
-                    params=self.mechanism.params(),
-                    session=session,
-                )
+            self._charge_each(
+                session, run_id, institutions, round=rnd, mechanism=self.mechanism.name,
+                event=self.mechanism.round_event(), params=self.mechanism.params(),
+            )  # fmt: skip
 
         return work
+
+    def _charge_each(
+        self,
+        session: Session,
+        run_id: str,
+        institutions: Sequence[str],
+        *,
+        round: int,
+        mechanism: str,
+        event: Any,
+        params: Mapping[str, Any],
+        enforce_budget: bool = True,
+    ) -> None:
+        """One ledger charge of ``event`` per institution, inside ``session`` (the caller's transaction)."""
+        for inst in institutions:
+            self.ledger.charge(
+                run_id=run_id,
+                institution=inst,
+                data_id=self.data_ids.get(inst, "unknown"),
+                round=round,
+                mechanism=mechanism,
+                event=event,
+                delta=self.delta,
+                budget_epsilon=self.budget,
+                params=params,
+                session=session,
+                enforce_budget=enforce_budget,
+            )
 
     def charge_statistics(self, run_id: str, institutions: Sequence[str], *, release: int = 1) -> None:
         """Charge the private statistics (already released) to every contributing institution, as round 0.
@@ -333,20 +352,11 @@ class RunPrivacy:
         mechanism = STATS_MECHANISM if release == 1 else f"{STATS_MECHANISM}-{release}"
 
         def work(session: Session) -> None:
-            for inst in institutions:
-                self.ledger.charge(
-                    run_id=run_id,
-                    institution=inst,
-                    data_id=self.data_ids.get(inst, "unknown"),
-                    round=0,
-                    mechanism=mechanism,
-                    event=stats.event(),
-                    delta=self.delta,
-                    budget_epsilon=self.budget,
-                    params={**asdict(stats), "queries": 4},
-                    session=session,
-                    enforce_budget=False,  # released before this charge: it must be recorded
-                )
+            self._charge_each(
+                session, run_id, institutions, round=0, mechanism=mechanism, event=stats.event(),
+                params={**asdict(stats), "queries": 4},
+                enforce_budget=False,  # released before this charge: it must be recorded
+            )  # fmt: skip
 
         self.ledger.store.run_transaction(work, action=f"charge the private statistics of run {run_id!r}")
 

@@ -200,10 +200,10 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
             "unit": "institution",
         }
     xs = [std.transform(X) for X, _ in parts]
-    if isinstance(mech, DistributedDpSgdMechanism):
-        params = _train_distributed(model, xs, [y for _, y in parts], mech, cfg, ratio, stats.count)
+
+    def released(final: list[np.ndarray]) -> InProcessResult:
         return InProcessResult(
-            params=params,
+            params=final,
             standardizer=std,
             mechanism=mech,
             epsilon=eps,
@@ -212,6 +212,9 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
             accounting=accounting,
             config=cfg,
         )
+
+    if isinstance(mech, DistributedDpSgdMechanism):
+        return released(_train_distributed(model, xs, [y for _, y in parts], mech, cfg, ratio, stats.count))
     history: list[list[np.ndarray]] = []
     for rnd in range(1, cfg.rounds + 1):
         deltas: list[list[np.ndarray]] = []
@@ -250,16 +253,7 @@ def train_private_federated(parts: Sequence[tuple[np.ndarray, np.ndarray]], conf
             history.append(params)
     if history:
         params = [np.mean([h[i] for h in history], axis=0).astype(params[i].dtype) for i in range(len(params))]
-    return InProcessResult(
-        params=params,
-        standardizer=std,
-        mechanism=mech,
-        epsilon=eps,
-        epsilon_rdp=eps_rdp,
-        delta=cfg.delta,
-        accounting=accounting,
-        config=cfg,
-    )
+    return released(params)
 
 
 def _train_distributed(
