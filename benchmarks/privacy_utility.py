@@ -216,34 +216,19 @@ def main() -> None:
             for eps in eps_grid:
                 if eps is None:
                     continue
-                r = run_one(
-                    parts,
-                    holdout,
-                    InProcessConfig(
-                        mode="dpsgd",
+                for method, settings in (("dpsgd", RECORD), ("dpsgd-secagg", SECAGG)):
+                    cfg = InProcessConfig(
+                        mode=method,  # type: ignore[arg-type]
                         target_epsilon=eps,
                         delta=DELTA,
                         seed=seed,
                         stats=PrivateStatsSpec(bound=STATS_BOUND.get(name, 1.0)),
-                        **RECORD,
-                    ),
-                )
-                rows.append({"dataset": name, "seed": seed, "method": "dpsgd", "epsilon": eps, **r})
-                logger.info("%s seed %d dpsgd eps %s: AUPRC %.4f (%.1fs)", name, seed, eps, r["auprc"], r["seconds"])
-                r = run_one(
-                    parts,
-                    holdout,
-                    InProcessConfig(
-                        mode="dpsgd-secagg",
-                        target_epsilon=eps,
-                        delta=DELTA,
-                        seed=seed,
-                        stats=PrivateStatsSpec(bound=STATS_BOUND.get(name, 1.0)),
-                        **SECAGG,
-                    ),
-                )
-                rows.append({"dataset": name, "seed": seed, "method": "dpsgd-secagg", "epsilon": eps, **r})
-                logger.info("%s seed %d dpsgd-secagg eps %s: AUPRC %.4f", name, seed, eps, r["auprc"])
+                        **settings,  # type: ignore[arg-type]
+                    )
+                    r = run_one(parts, holdout, cfg)
+                    rows.append({"dataset": name, "seed": seed, "method": method, "epsilon": eps, **r})
+                    logger.info("%s seed %d %s eps %s: AUPRC %.4f (%.1fs)", name, seed, method, eps, r["auprc"],
+                                r["seconds"])  # fmt: skip
             for n_inst in (5,) if args.quick else (5, 50):
                 p_parts, p_hold = (parts, holdout) if n_inst == 5 else make_parts(name, n_inst, seed, args.quick)
                 for eps in eps_grid:
