@@ -189,3 +189,26 @@ def deployed_federation(tmp_path: Path) -> Callable[..., DeployedFederation]:
         )
 
     return make
+
+
+THREE_BANK_NODES = (101, 202, 303)
+"""Node ids of :func:`three_banks` (tests that drop a node out refer to them)."""
+
+
+@pytest.fixture(scope="module")
+def three_banks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three small synthetic banks saved as node data dirs: ``{"dirs": {node id: node config}, "split": ...}``.
+
+    Shared by the coordinator privacy tests, which drive the real ClientApp over an
+    in-process grid with node ids :data:`THREE_BANK_NODES`.
+    """
+    from consortium.data import federate_institutions, generate_federation, save_split  # noqa: PLC0415
+
+    fed = generate_federation(3, transactions_per_institution=1_000, seed=11, n_days=20)
+    split = federate_institutions({k: v.dataset for k, v in fed.items()}, seed=11)
+    root = Path(save_split(split, tmp_path_factory.mktemp("inst")))
+    dirs = {
+        node: {"data-path": str(root / n), "institution": n}
+        for node, n in zip(THREE_BANK_NODES, split.names(), strict=True)
+    }
+    return {"dirs": dirs, "split": split}

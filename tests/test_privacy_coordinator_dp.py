@@ -24,7 +24,6 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from flwr.app import Message
 
 from consortium.cli import main
-from consortium.data import federate_institutions, generate_federation, save_split
 from consortium.errors import ConfigError
 from consortium.federation import messages as m
 from consortium.federation.client_app import build_client_app, institution_secagg_mod
@@ -45,12 +44,10 @@ SIGMA, CLIP, DELTA = 0.8, 0.5, 1e-3
 
 
 @pytest.fixture(scope="module")
-def institutions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    fed = generate_federation(3, transactions_per_institution=1_000, seed=11, n_days=20)
-    split = federate_institutions({k: v.dataset for k, v in fed.items()}, seed=11)
-    root = Path(save_split(split, tmp_path_factory.mktemp("inst")))
-    dirs = {node: {"data-path": str(root / n), "institution": n} for node, n in zip(NODES, split.names(), strict=True)}
-    return {"dirs": dirs, "split": split}
+def institutions(three_banks: dict[str, Any]) -> dict[str, Any]:
+    """The shared three banks (conftest); their node ids are NODES."""
+    assert list(three_banks["dirs"]) == NODES
+    return three_banks
 
 
 class Captured:

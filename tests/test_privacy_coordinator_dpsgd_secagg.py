@@ -23,7 +23,7 @@ from dp_accounting import dp_event as dpe
 from dp_accounting.pld import pld_privacy_accountant
 
 from consortium.cli import main
-from consortium.data import Dataset, federate_institutions, generate_federation, save_split
+from consortium.data import Dataset, federate_institutions, save_split
 from consortium.errors import ConfigError
 from consortium.federation.client_app import build_client_app, institution_secagg_mod
 from consortium.federation.config import FederationConfig
@@ -43,12 +43,10 @@ SIGMA, CLIP, DELTA, STATS_SIGMA = 0.8, 1.0, 1e-5, 30.0
 
 
 @pytest.fixture(scope="module")
-def institutions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    fed = generate_federation(3, transactions_per_institution=1_000, seed=11, n_days=20)
-    split = federate_institutions({k: v.dataset for k, v in fed.items()}, seed=11)
-    root = Path(save_split(split, tmp_path_factory.mktemp("inst")))
-    dirs = {node: {"data-path": str(root / n), "institution": n} for node, n in zip(NODES, split.names(), strict=True)}
-    return {"dirs": dirs, "split": split}
+def institutions(three_banks: dict[str, Any]) -> dict[str, Any]:
+    """The shared three banks (conftest); their node ids are NODES."""
+    assert list(three_banks["dirs"]) == NODES
+    return three_banks
 
 
 class Recording(SecureTransport):
