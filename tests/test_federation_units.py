@@ -40,7 +40,7 @@ def test_config_from_strings_as_flwr_cli_gives_them() -> None:
         ({"strategy": "fedsgd"}, "'strategy'"),
         ({"fraction_train": 0.0}, "'fraction_train'"),
         ({"lr": -1.0}, "'lr'"),
-        ({"hidden": ()}, "'hidden'"),
+        ({"hidden": (8, 0)}, "'hidden'"),
         ({"max_fpr": 1.5}, "'max_fpr'"),
     ],
 )
