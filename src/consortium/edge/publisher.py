@@ -384,15 +384,19 @@ class MqttPublisher:
         if getattr(reason, "is_failure", False):
             logger.warning("Broker %s refused the connection: %s", self.broker_url, reason)
             return
-        # Mark connected first: a set_model_version() racing with this callback then publishes its own
-        # status, and the one below already carries the newest version (a retained duplicate is harmless).
+        # Count the connection before marking it up: the writer thread sends only while connected, and
+        # it must never send on this connection under the previous number, or it would start over at
+        # the next wake-up and send everything in flight twice (seen as duplicated alerts in tests).
+        self._connection += 1
+        if self._connection > 1:
+            self._reconnects += 1
+        # Mark connected before the status: a set_model_version() racing with this callback then publishes
+        # its own status, and the one below already carries the newest version (a retained duplicate is
+        # harmless).
         self._connected.set()
         client.publish(self._status_topic, self._status("online"), qos=1, retain=True)
         for topic_filter, _ in self._handlers:
             client.subscribe(topic_filter, qos=1)
-        self._connection += 1
-        if self._connection > 1:
-            self._reconnects += 1
         self._queue.put(_WAKE)
         logger.info("Connected to %s", self.broker_url)
 
