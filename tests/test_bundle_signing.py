@@ -291,6 +291,12 @@ def test_check_compatible() -> None:
         ({"features": (FeatureSpec("a"), FeatureSpec("a"))}, "unique names"),
         ({"privacy": {"epsilon": 1.0}}, "privacy"),
         ({"privacy": {"epsilon": 1.0, "delta": 2.0, "mechanism": "x"}}, r"delta' must be in \[0, 1\)"),
+        ({"privacy": {"epsilon": 1.0, "delta": 1e-5, "mechanism": "x", "sigma": 1.0}}, "optionally 'params'"),
+        ({"privacy": {"epsilon": 1.0, "delta": 1e-5, "mechanism": "x", "params": [1.0]}}, "privacy.params"),
+        ({"privacy": {"epsilon": 1.0, "delta": 1e-5, "mechanism": "x", "params": {"s": float("nan")}}},
+         "finite JSON"),
+        ({"privacy": {"epsilon": 1.0, "delta": 1e-5, "mechanism": "x", "params": {"s": "x" * 9000}}},
+         "at most 8192"),
         ({"created_at": "2026-12-04 12:00"}, "created_at"),
         ({"files": {"model.onnx": "abc"}}, "SHA-256"),
         ({"extra": {"x": float("inf")}}, "extra.x"),
@@ -299,6 +305,18 @@ def test_check_compatible() -> None:
 def test_manifest_refuses_bad_values(changes: dict[str, object], match: str) -> None:
     with pytest.raises(BundleError, match=match):
         make_manifest(**changes)
+
+
+def test_privacy_parameters_travel_signed_in_the_bundle(tmp_path: Path, private_key: Ed25519PrivateKey) -> None:
+    """Every saved model carries its (ε, δ), mechanism *and* the mechanism's parameters."""
+    privacy = {
+        "epsilon": 0.999, "delta": 1e-5, "mechanism": "dpsgd-secagg",
+        "params": {"noise_multiplier": 2.1968, "clip_norm": 3.0, "participants": 5, "epsilon_if_one_colludes": 1.15},
+    }  # fmt: skip
+    path = write_bundle(tmp_path / "p.bundle", onnx_model=ONNX, manifest=make_manifest(privacy=privacy),
+                        private_key=private_key)  # fmt: skip
+    assert read_bundle(path, public_key=private_key.public_key()).manifest.privacy == privacy
+    assert make_manifest().privacy == {"epsilon": 3.2, "delta": 1e-5, "mechanism": "dp-sgd"}  # params optional
 
 
 def test_feature_spec_checks_range() -> None:

@@ -258,4 +258,17 @@ def test_dpsgd_secagg_learns_a_separable_signal(tmp_path: Path, hidden: tuple[in
     assert [c.round for c in charges] == list(range(13))
     q_event = dpe.PoissonSampledDpEvent(0.3, dpe.GaussianDpEvent(1.0))
     assert result.extra["privacy"]["epsilon"] == pytest.approx(_pld([STATS, (q_event, 12)]), rel=1e-3)
+    # The signed bundle of this model carries (ε, δ), the mechanisms and their parameters.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    from consortium.registry.publish import publish_run_model  # noqa: PLC0415
+    from consortium.registry.registry import ModelRegistry  # noqa: PLC0415
+
+    key = Ed25519PrivateKey.generate()
+    registry = ModelRegistry(store, tmp_path / "blobs", public_key=key.public_key())
+    published = publish_run_model(store, registry=registry, private_key=key, run_id=result.run_id)
+    privacy = registry.verify(published.entry.model_version).manifest.privacy
+    assert privacy is not None and privacy["epsilon"] == pytest.approx(result.extra["privacy"]["epsilon"])
+    assert "dpsgd-secagg" in privacy["mechanism"] and privacy["delta"] == DELTA
+    assert privacy["params"]["params"]["noise_multiplier"] == pytest.approx(1.0), privacy["params"]
     store.close()

@@ -238,8 +238,9 @@ class BundleManifest:
     metrics : dict of str to float
         Held-out evaluation metrics (finite values only).
     privacy : dict or None
-        ``{"epsilon": float, "delta": float, "mechanism": str}`` spent to train it,
-        or None for a model trained without differential privacy.
+        ``{"epsilon": float, "delta": float, "mechanism": str}`` spent to train it
+        (optionally ``"params"``: the mechanism's parameters as a JSON object), or
+        None for a model trained without differential privacy.
     created_at : str
         ISO-8601 UTC timestamp (default: now).
     files : dict of str to str
@@ -326,10 +327,10 @@ class BundleManifest:
             return None
         if not isinstance(raw, Mapping):
             raise BundleError(f"Manifest field 'privacy' must be an object or null. Got {raw!r:.80} instead.")
-        if set(raw) != {"epsilon", "delta", "mechanism"}:
+        if not {"epsilon", "delta", "mechanism"} <= set(raw) <= {"epsilon", "delta", "mechanism", "params"}:
             raise BundleError(
-                "Manifest field 'privacy' must have exactly the keys ['delta', 'epsilon', 'mechanism']. "
-                f"Got {sorted(map(str, raw))} instead."
+                "Manifest field 'privacy' must have the keys ['delta', 'epsilon', 'mechanism'] and optionally "
+                f"'params'. Got {sorted(map(str, raw))} instead."
             )
         epsilon = _finite(raw["epsilon"], "privacy.epsilon")
         delta = _finite(raw["delta"], "privacy.delta")
@@ -339,7 +340,10 @@ class BundleManifest:
         if not 0 <= delta < 1:
             raise BundleError(f"Manifest field 'privacy.delta' must be in [0, 1). Got {delta} instead.")
         mechanism = _text(raw["mechanism"], "privacy.mechanism", max_length=128)
-        return {"epsilon": epsilon, "delta": delta, "mechanism": mechanism}
+        out: dict[str, Any] = {"epsilon": epsilon, "delta": delta, "mechanism": mechanism}
+        if "params" in raw:
+            out["params"] = _privacy_params(raw["params"])
+        return out
 
     def _check_created_at(self) -> None:
         value = _text(self.created_at, "created_at", max_length=64)
@@ -742,3 +746,26 @@ def _open_bundle(path_or_bytes: Path | str | bytes, public_key: Ed25519PublicKey
             f"(manifest says {manifest.files[MODEL_NAME][:16]}..., file has {actual[:16]}...)."
         )
     return Bundle(manifest=manifest, onnx_bytes=members[MODEL_NAME], sha256=sha256_hex(data), key_id=key_id)
+
+
+MAX_PRIVACY_PARAMS_CHARS = 8192
+"""Size cap of ``privacy.params`` in canonical JSON (a manifest is read before anything is trusted)."""
+
+
+def _privacy_params(raw: object) -> dict[str, Any]:
+    """The mechanism's parameters (σ, C, q, steps, noise, collusion ε, ...): a JSON object of finite values."""
+    if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
+        raise BundleError(
+            f"Manifest field 'privacy.params' must be an object with string keys. Got {raw!r:.80} instead."
+        )
+    try:
+        text = json.dumps(raw, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"Manifest field 'privacy.params' must hold finite JSON values only ({exc}).") from None
+    if len(text) > MAX_PRIVACY_PARAMS_CHARS:
+        raise BundleError(
+            f"Manifest field 'privacy.params' must be at most {MAX_PRIVACY_PARAMS_CHARS} characters of JSON. "
+            f"Got {len(text)} instead."
+        )
+    parsed: dict[str, Any] = json.loads(text)
+    return parsed

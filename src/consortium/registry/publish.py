@@ -112,6 +112,30 @@ def _ledger_privacy(store: RunStore, run_id: str) -> dict[str, Any] | None:
     }
 
 
+def _mechanism_params(recorded: object) -> dict[str, Any]:
+    """The checkpoint's privacy record (mechanism parameters, unit, noise, collusion ε) as finite JSON.
+
+    The ledger gives (ε, δ); the checkpoint says how they were spent.  Non-finite
+    numbers (an ε of ∞ against colluders when k = 1, say) become strings, so the
+    manifest stays strict JSON.
+    """
+    if not isinstance(recorded, Mapping):
+        return {}
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        return str(value)
+
+    return {k: clean(v) for k, v in recorded.items() if k not in ("mechanism", "delta", "epsilon")}
+
+
 def publish_run_model(
     store: RunStore,
     *,
@@ -188,6 +212,10 @@ def publish_run_model(
     current = registry.promoted(channel)
     parent = current.model_version if current is not None and current.model_version != version else None
     spent = dict(privacy) if privacy is not None else _ledger_privacy(store, run_id)
+    if spent is not None and "params" not in spent:
+        how = _mechanism_params(extra.get("privacy"))
+        if how:
+            spent["params"] = how
     with tempfile.TemporaryDirectory(dir=registry.blob_dir) as tmp:
         path = export_bundle(
             Path(tmp) / f"{version}.bundle",
