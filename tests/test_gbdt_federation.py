@@ -151,7 +151,11 @@ def test_histogram_noise_changes_the_sums_but_training_completes(tmp_path: Path)
     plain, _ = _run(tmp_path / "a", split, secure=False)
     noisy, _ = _run(tmp_path / "b", split, secure=True, noise_std=2.0)
     assert not np.allclose(noisy.predict_proba(split.holdout.X), plain.predict_proba(split.holdout.X), atol=1e-3)
-    assert noisy.holdout_metrics["roc-auc"] > 0.6
+    # Unaccounted noise of std 2 on every histogram entry can make the first split's gain negative, and boosting
+    # then stops with no tree (a constant score, AUC 0.5; about 1 run in 4 here): that is allowed, a model whose
+    # trees rank worse than 0.6 is not.
+    scores = noisy.predict_proba(split.holdout.X)
+    assert noisy.holdout_metrics["roc-auc"] > 0.6 or np.ptp(scores) == 0, noisy.holdout_metrics
 
 
 def test_dp_run_is_calibrated_and_charged_to_every_institutions_ledger(tmp_path: Path) -> None:
