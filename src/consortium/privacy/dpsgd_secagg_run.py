@@ -50,7 +50,7 @@ from consortium.federation.aggregation import AggregateResult
 from consortium.federation.config import FederationConfig
 from consortium.federation.transport import UpdateBounds
 from consortium.privacy.accounting import PrivacyEstimate, compose, estimate
-from consortium.privacy.federated import RoundPlan, RunPrivacy
+from consortium.privacy.federated import RoundPlan, RunPrivacy, fingerprints
 from consortium.privacy.mechanisms import DistributedDpSgdMechanism, DpSgdMechanism
 
 logger = logging.getLogger(__name__)
@@ -221,11 +221,9 @@ class SecAggDpSgdRunPrivacy(RunPrivacy):
         k = self.distributed.participants
         self.invited = len(institutions)
         event = self.distributed.round_event(survivors=max(1, min(self.invited, k)))
-        for inst in institutions if self.budget is not None else ():
-            self.ledger.check_budget(
-                institution=inst, data_id=self.data_ids.get(inst, "unknown"), event=event,
-                delta=self.delta, budget_epsilon=self.budget,
-            )
+        self.ledger.check_budgets(
+            fingerprints(self.data_ids, institutions), event=event, delta=self.delta, budget_epsilon=self.budget
+        )
         return RoundPlan(bounds=self.bounds())
 
     def release(self, agg: AggregateResult, rnd: int) -> AggregateResult:
@@ -270,14 +268,12 @@ class SecAggDpSgdRunPrivacy(RunPrivacy):
         }
 
         def work(session: Session) -> None:
-            for inst in institutions:
-                self.ledger.charge(
-                    run_id=run_id, institution=inst, data_id=self.data_ids.get(inst, "unknown"), round=rnd,
-                    mechanism=self.MODE, event=event, delta=self.delta, budget_epsilon=self.budget, params=params,
-                    session=session,
-                    # The sum was released before this charge: record it even if dropouts took it past the budget.
-                    enforce_budget=False,
-                )
+            self.ledger.charge_each(
+                fingerprints(self.data_ids, institutions), run_id=run_id, round=rnd, mechanism=self.MODE,
+                event=event, delta=self.delta, budget_epsilon=self.budget, params=params, session=session,
+                # The sum was released before this charge: record it even if dropouts took it past the budget.
+                enforce_budget=False,
+            )
 
         return work
 

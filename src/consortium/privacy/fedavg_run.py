@@ -48,7 +48,7 @@ from consortium.federation.config import INSTITUTION_DP_MODES, FederationConfig
 from consortium.federation.transport import UpdateBounds
 from consortium.privacy.accounting import calibrate_noise_multiplier, check_delta, compose, default_delta, estimate
 from consortium.privacy.distributed import COUNT_METRIC, COUNT_SEGMENT, UPDATE_SEGMENT, noise_config
-from consortium.privacy.federated import RoundPlan
+from consortium.privacy.federated import RoundPlan, fingerprints
 from consortium.privacy.ledger import PrivacyLedger
 from consortium.privacy.mechanisms import DpFedAvgMechanism, SkellamMechanism
 from consortium.registry import RunStore
@@ -258,11 +258,10 @@ class FedAvgRunPrivacy:
     def begin_round(self, institutions: Sequence[str]) -> RoundPlan:
         """Check every invited institution's budget with the planned event, then set the round up."""
         noise = self.setup(len(institutions))
-        for inst in institutions:
-            self.ledger.check_budget(
-                institution=inst, data_id=self.data_ids.get(inst, "unknown"), event=noise.event(),
-                delta=self.delta, budget_epsilon=self.budget,
-            )
+        self.ledger.check_budgets(
+            fingerprints(self.data_ids, institutions), event=noise.event(), delta=self.delta,
+            budget_epsilon=self.budget,
+        )
         self.current, self.survivors = noise, None
         config: dict[str, int | float | str] = {
             "dp-update-clip": noise.central.clip_norm,
@@ -328,14 +327,12 @@ class FedAvgRunPrivacy:
         name = "skellam" if cur.update is not None else DpFedAvgMechanism.name
 
         def work(session: Session) -> None:
-            for inst in institutions:
-                self.ledger.charge(
-                    run_id=run_id, institution=inst, data_id=self.data_ids.get(inst, "unknown"), round=rnd,
-                    mechanism=name, event=event, delta=self.delta, budget_epsilon=self.budget, params=params,
-                    session=session,
-                    # The sum was released before this charge: record it even if dropouts took it past the budget.
-                    enforce_budget=False,
-                )
+            self.ledger.charge_each(
+                fingerprints(self.data_ids, institutions), run_id=run_id, round=rnd, mechanism=name, event=event,
+                delta=self.delta, budget_epsilon=self.budget, params=params, session=session,
+                # The sum was released before this charge: record it even if dropouts took it past the budget.
+                enforce_budget=False,
+            )
 
         return work
 

@@ -59,6 +59,7 @@ __all__ = [
     "RoundPlan",
     "RunPrivacy",
     "check_statistics_budget",
+    "fingerprints",
     "statistics_request",
     "statistics_spec",
 ]
@@ -157,12 +158,14 @@ def check_statistics_budget(
     """
     if spec is None or not config.budget_epsilon or not config.delta:
         return
-    ledger = PrivacyLedger(store)
-    for inst, data_id in data_ids.items():
-        ledger.check_budget(
-            institution=inst, data_id=data_id, event=spec.event(), delta=config.delta,
-            budget_epsilon=config.budget_epsilon,
-        )
+    PrivacyLedger(store).check_budgets(
+        data_ids, event=spec.event(), delta=config.delta, budget_epsilon=config.budget_epsilon
+    )
+
+
+def fingerprints(data_ids: Mapping[str, str], institutions: Sequence[str]) -> dict[str, str]:
+    """``institution -> data fingerprint`` (the ledger's key) for ``institutions``; unknown ones share one key."""
+    return {inst: data_ids.get(inst, "unknown") for inst in institutions}
 
 
 # -- record level -----------------------------------------------------------------
@@ -286,14 +289,10 @@ class RunPrivacy:
 
     def check_before_round(self, institutions: Sequence[str]) -> None:
         """Raise :class:`PrivacyBudgetError` if the next round would exceed any budget."""
-        for inst in institutions:
-            self.ledger.check_budget(
-                institution=inst,
-                data_id=self.data_ids.get(inst, "unknown"),
-                event=self.mechanism.round_event(),
-                delta=self.delta,
-                budget_epsilon=self.budget,
-            )
+        self.ledger.check_budgets(
+            fingerprints(self.data_ids, institutions), event=self.mechanism.round_event(), delta=self.delta,
+            budget_epsilon=self.budget,
+        )
 
     def release(self, agg: AggregateResult, rnd: int) -> AggregateResult:
         return agg  # each institution noised its own steps
@@ -305,40 +304,13 @@ class RunPrivacy:
         """Work for ``RunStore.record_round(also=...)``: one charge per institution, same transaction."""
 
         def work(session: Session) -> None:
-            self._charge_each(
-                session, run_id, institutions, round=rnd, mechanism=self.mechanism.name,
-                event=self.mechanism.round_event(), params=self.mechanism.params(),
+            self.ledger.charge_each(
+                fingerprints(self.data_ids, institutions), run_id=run_id, round=rnd, mechanism=self.mechanism.name,
+                event=self.mechanism.round_event(), delta=self.delta, budget_epsilon=self.budget,
+                params=self.mechanism.params(), session=session,
             )  # fmt: skip
 
         return work
-
-    def _charge_each(
-        self,
-        session: Session,
-        run_id: str,
-        institutions: Sequence[str],
-        *,
-        round: int,
-        mechanism: str,
-        event: Any,
-        params: Mapping[str, Any],
-        enforce_budget: bool = True,
-    ) -> None:
-        """One ledger charge of ``event`` per institution, inside ``session`` (the caller's transaction)."""
-        for inst in institutions:
-            self.ledger.charge(
-                run_id=run_id,
-                institution=inst,
-                data_id=self.data_ids.get(inst, "unknown"),
-                round=round,
-                mechanism=mechanism,
-                event=event,
-                delta=self.delta,
-                budget_epsilon=self.budget,
-                params=params,
-                session=session,
-                enforce_budget=enforce_budget,
-            )
 
     def charge_statistics(self, run_id: str, institutions: Sequence[str], *, release: int = 1) -> None:
         """Charge the private statistics (already released) to every contributing institution, as round 0.
@@ -352,9 +324,10 @@ class RunPrivacy:
         mechanism = STATS_MECHANISM if release == 1 else f"{STATS_MECHANISM}-{release}"
 
         def work(session: Session) -> None:
-            self._charge_each(
-                session, run_id, institutions, round=0, mechanism=mechanism, event=stats.event(),
-                params={**asdict(stats), "queries": 4},
+            self.ledger.charge_each(
+                fingerprints(self.data_ids, institutions), run_id=run_id, round=0, mechanism=mechanism,
+                event=stats.event(), delta=self.delta, budget_epsilon=self.budget,
+                params={**asdict(stats), "queries": 4}, session=session,
                 enforce_budget=False,  # released before this charge: it must be recorded
             )  # fmt: skip
 

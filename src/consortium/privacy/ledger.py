@@ -223,6 +223,50 @@ class PrivacyLedger:
                 )
         return after
 
+    def check_budgets(
+        self,
+        data_ids: Mapping[str, str],
+        *,
+        event: dpe.DpEvent,
+        delta: float,
+        budget_epsilon: float | None,
+    ) -> None:
+        """:meth:`check_budget` for every ``institution -> data fingerprint`` (nothing to check without a budget).
+
+        Raises
+        ------
+        PrivacyBudgetError
+            For the first institution whose budget ``event`` would exceed.
+        """
+        if budget_epsilon is None:
+            return
+        for institution, data_id in data_ids.items():
+            self.check_budget(
+                institution=institution, data_id=data_id, event=event, delta=delta, budget_epsilon=budget_epsilon
+            )
+
+    def charge_each(
+        self,
+        data_ids: Mapping[str, str],
+        *,
+        run_id: str,
+        round: int,  # noqa: A002 - the round number, as in the run store
+        mechanism: str,
+        event: dpe.DpEvent,
+        delta: float,
+        budget_epsilon: float | None,
+        params: Mapping[str, Any] | None,
+        session: Session,
+        enforce_budget: bool = True,
+    ) -> None:
+        """One :meth:`charge` of ``event`` per ``institution -> data fingerprint``, in the caller's ``session``."""
+        for institution, data_id in data_ids.items():
+            self.charge(
+                run_id=run_id, institution=institution, data_id=data_id, round=round, mechanism=mechanism,
+                event=event, delta=delta, budget_epsilon=budget_epsilon, params=params, session=session,
+                enforce_budget=enforce_budget,
+            )
+
     def charge(
         self,
         *,
