@@ -9,7 +9,6 @@ model code.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from consortium.errors import ConfigError
 from consortium.federation import messages as m
 from consortium.federation.config import INSTITUTION_DP_MODES
 from consortium.federation.thresholds import score_histograms, to_unit_interval
+from consortium.federation.validation import update_norm
 from consortium.models import (
     Standardizer,
     TrainConfig,
@@ -178,7 +178,7 @@ def _dp_fedavg_reply(delta: list[np.ndarray], cfg: ConfigRecord) -> RecordDict:
     loss is reported: it would travel un-noised.
     """
     clip = float(_scalar(cfg, "dp-update-clip"))
-    norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta))
+    norm = update_norm(delta)
     factor = min(1.0, clip * (1.0 - 1e-6) / max(norm, 1e-12))
     clipped = [(d.astype(np.float64) * factor).astype(d.dtype) for d in delta]
     metrics: dict[str, int | float | list[int] | list[float]] = {m.WEIGHT: 1}

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from consortium.errors import param_error
-from consortium.privacy.dpsgd import PerRowGradients, clip_and_sum, per_row_gradients
+from consortium.federation.validation import update_norm
+from consortium.privacy.dpsgd import PerRowGradients, class_clip_bounds, per_row_gradients, poisson_clipped_sum
 from consortium.privacy.mechanisms import DistributedDpSgdMechanism
 
 __all__ = ["apply_noisy_sum", "clipped_share", "institution_share", "secagg_share"]
@@ -52,18 +53,14 @@ def clipped_share(
     Arguments as :func:`institution_share`.
     """
     if not 0 < negative_ratio <= 1:
-        raise param_error("negative_ratio", "institution_share", "a float in (0, 1]", negative_ratio)
-    fn = per_row_grad or per_row_gradients(model)
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
+        raise param_error("negative_ratio", "clipped_share", "a float in (0, 1]", negative_ratio)
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    clip = mechanism.clip_norm
-    idx = torch.nonzero(torch.rand(X.shape[0], generator=generator) < mechanism.sampling_rate).squeeze(1)
-    if idx.numel() == 0:
-        return [torch.zeros_like(params[k]) for k in names]
-    ys = y[idx]
-    bound = torch.where(ys > 0.5, torch.tensor(clip), torch.tensor(clip * negative_ratio))
-    summed, _ = clip_and_sum(fn(params, X[idx], ys), bound)
-    return [summed[k] for k in names]
+    bounds = class_clip_bounds(y, clip_norm=mechanism.clip_norm, negative_ratio=negative_ratio)
+    summed, _, _ = poisson_clipped_sum(
+        per_row_grad or per_row_gradients(model), params, X, y, bounds,
+        sampling_rate=mechanism.sampling_rate, generator=generator,
+    )  # fmt: skip
+    return list(summed.values())
 
 
 def institution_share(
@@ -143,7 +140,7 @@ def secagg_share(
         model, X, y, mechanism=mechanism, negative_ratio=negative_ratio, generator=generator,
     )
     data = [p.detach().cpu().numpy().astype(np.float64) / expected_batch for p in parts]
-    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in data)))
+    norm = update_norm(data)
     if norm > data_bound:
         data = [d * (data_bound / norm) for d in data]
     std = mechanism.share_std() / expected_batch

@@ -42,7 +42,15 @@ from consortium.privacy.mechanisms import DpSgdMechanism
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DpSgdResult", "clip_and_sum", "dp_sgd_train", "negative_clip_ratio", "per_row_gradients"]
+__all__ = [
+    "DpSgdResult",
+    "class_clip_bounds",
+    "clip_and_sum",
+    "dp_sgd_train",
+    "negative_clip_ratio",
+    "per_row_gradients",
+    "poisson_clipped_sum",
+]
 
 PerRowGradients = Callable[[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 """``(params, X, y) -> {name: gradient of row i's loss, stacked over rows}``."""
@@ -100,6 +108,35 @@ def clip_and_sum(
     factor = torch.clamp(bound / (norms + 1e-12), max=1.0)
     summed = {k: (g * factor.view(-1, *([1] * (g.dim() - 1)))).sum(0) for k, g in grads.items()}
     return summed, norms
+
+
+def class_clip_bounds(y: torch.Tensor, *, clip_norm: float, negative_ratio: float) -> torch.Tensor:
+    """Each row's clip bound: ``C`` for positives, ``C * negative_ratio`` for negatives (see the module docstring)."""
+    return torch.where(y > 0.5, torch.tensor(clip_norm), torch.tensor(clip_norm * negative_ratio))
+
+
+def poisson_clipped_sum(
+    per_row_grad: PerRowGradients,
+    params: Mapping[str, torch.Tensor],
+    X: torch.Tensor,  # noqa: N803
+    y: torch.Tensor,
+    bounds: torch.Tensor,
+    *,
+    sampling_rate: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Steps 1-3 of a DP-SGD step: Poisson-sample rows, clip each one's gradient to its bound, sum.
+
+    Each row is kept independently with probability ``sampling_rate`` (one draw of
+    ``generator`` per row, so callers' later draws stay in step).  Returns the sum by
+    parameter name (zeros when no row was drawn), the rows sampled and the rows clipped.
+    """
+    idx = torch.nonzero(torch.rand(X.shape[0], generator=generator) < sampling_rate).squeeze(1)
+    if idx.numel() == 0:
+        return {k: torch.zeros_like(p) for k, p in params.items()}, 0, 0
+    bound = bounds[idx]
+    summed, norms = clip_and_sum(per_row_grad(params, X[idx], y[idx]), bound)
+    return summed, int(idx.numel()), int((norms > bound).sum())
 
 
 @dataclass(frozen=True)
@@ -165,7 +202,7 @@ def dp_sgd_train(
     n = xs.shape[0]
     q, clip, sigma = mechanism.sampling_rate, mechanism.clip_norm, mechanism.noise_multiplier
     expected_batch = max(q * n, 1.0)
-    row_clip = torch.where(ys > 0.5, torch.tensor(clip), torch.tensor(clip * negative_ratio))
+    row_clip = class_clip_bounds(ys, clip_norm=clip, negative_ratio=negative_ratio)
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     per_row_grad = per_row_gradients(model)
     trainable = [dict(model.named_parameters())[k] for k in names]
@@ -173,26 +210,19 @@ def dp_sgd_train(
         torch.optim.Adam(trainable, lr=lr) if optimizer == "adam" else torch.optim.SGD(trainable, lr=lr)
     )
     gen = torch.Generator().manual_seed(int(seed))
-    batch_total, clipped, seen = 0, 0, 0
+    batch_total, clipped = 0, 0
     was_training = model.training
     model.eval()  # no dropout: per-row gradients must be deterministic functions of the row
     try:
         for _ in range(n_steps):
-            # 1. Poisson sampling: each row independently with probability q.
-            mask = torch.rand(n, generator=gen) < q
-            idx = torch.nonzero(mask).squeeze(1)
             params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-            summed: list[torch.Tensor]
-            if idx.numel() > 0:
-                # 2. Per-row gradients, 3. per-row clipping (class-dependent bound <= C).
-                bound = row_clip[idx]
-                clipped_sum, norms = clip_and_sum(per_row_grad(params, xs[idx], ys[idx]), bound)
-                clipped += int((norms > bound).sum())
-                seen += int(idx.numel())
-                summed = [clipped_sum[k] for k in names]
-            else:
-                summed = [torch.zeros_like(params[k]) for k in names]
-            batch_total += int(idx.numel())
+            # 1. Poisson sampling, 2. per-row gradients, 3. per-row clipping (class-dependent bound <= C).
+            clipped_sum, n_rows, n_clipped = poisson_clipped_sum(
+                per_row_grad, params, xs, ys, row_clip, sampling_rate=q, generator=gen
+            )
+            summed = [clipped_sum[k] for k in names]
+            batch_total += n_rows
+            clipped += n_clipped
             # 4. Gaussian noise σ·C on the sum, 5. normalise by the expected batch size.
             opt.zero_grad(set_to_none=True)
             for p, s in zip(trainable, summed, strict=True):
@@ -204,7 +234,7 @@ def dp_sgd_train(
     return DpSgdResult(
         steps=n_steps,
         mean_batch=batch_total / max(n_steps, 1),
-        clipped_fraction=clipped / max(seen, 1),
+        clipped_fraction=clipped / max(batch_total, 1),
     )
 
 
