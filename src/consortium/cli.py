@@ -38,7 +38,7 @@ import click
 from consortium import __version__
 from consortium.edge.vision.commands import vision
 from consortium.errors import ConsortiumError
-from consortium.federation.config import STRATEGIES, FederationConfig
+from consortium.federation.config import STRATEGIES, FederationConfig, parse_int_list
 from consortium.privacy.commands import dp_options
 from consortium.privacy.commands import privacy as privacy_group
 from consortium.registry.commands import check_publish_options, publish_after_run, publish_options
@@ -272,7 +272,7 @@ def simulate(data_path: str, label_column: str, institutions: int, partition: st
 def _hidden_widths(text: str) -> tuple[int, ...]:
     """``"64,32"`` -> (64, 32); ``""`` -> () (logistic regression); anything else is a usage error."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return parse_int_list(text)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated ints such as 64,32 (or \"\"), got {text!r}",
                                  param_hint="--hidden") from None

@@ -380,6 +380,14 @@ class FederationConfig:
         return cls(**kwargs, extra=extra)
 
 
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"64,32"`` -> ``(64, 32)``; ``""`` -> ``()`` (how tuples such as ``hidden`` travel in configs).
+
+    Raises ``ValueError`` on a part that is not an int (callers name the field).
+    """
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Convert a run_config value to the type of the field's default."""
     owner = "FederationConfig (run config)"
@@ -394,7 +402,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return bool(value)
         if isinstance(default, tuple):
             if isinstance(value, str):
-                return tuple(int(v) for v in value.split(",") if v.strip())
+                return parse_int_list(value)
             return tuple(int(v) for v in value)
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from consortium.data import InstitutionSplit
 from consortium.errors import ConfigError
 from consortium.federation import messages as m
-from consortium.federation.config import INSTITUTION_DP_MODES
+from consortium.federation.config import INSTITUTION_DP_MODES, parse_int_list
 from consortium.federation.thresholds import score_histograms, to_unit_interval
 from consortium.federation.validation import update_norm
 from consortium.models import (
@@ -45,7 +45,7 @@ def model_from(content: RecordDict, n_features: int) -> tuple[torch.nn.Module, l
     """Build the model the config names and load the global parameters into it."""
     cfg = content.config_records[m.CONFIG]
     # An empty list is a real choice (logistic regression), not "use the default".
-    hidden = tuple(int(h) for h in str(cfg["hidden"]).split(",") if h)
+    hidden = parse_int_list(str(cfg["hidden"]))
     model = build_model(str(cfg["model"]), n_features, hidden=hidden, seed=int(_scalar(cfg, "seed", 0)))
     params = content.array_records[m.GLOBAL_ARRAYS].to_numpy_ndarrays()
     set_parameters(model, params)
